@@ -1,0 +1,361 @@
+"""The VPN server's peer registry: configs, address assignment and keys.
+
+All state lives under the server's config directory (`/config` in the container):
+
+- `config.env`: the server settings (see templates/vpnserver-config.env.j2);
+- `wireguard/wg0.conf`: the interface key and the registered peer keys, in the
+  format `wg setconf` reads, each peer tagged with a `# fbm-peer TYPE ID` line;
+- `config_peers/TYPE/ID/config.env`: what a peer needs to join (its address,
+  the server's endpoint and public key, their preshared key);
+- `ip_assign/last_ip_assign_TYPE`: the last address handed out in that range.
+
+Every change happens under one lock and every file is replaced atomically, so
+two shells running `genconf` at once never get the same address.
+"""
+
+import ipaddress
+import re
+import shutil
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import envfile, keys, templates
+from .errors import BadInput, StateError
+from .files import locked, write_atomic
+
+PEER_TYPES = ("management", "node", "researcher")
+LISTEN_PORT = 51820
+SERVER_KEYS = (
+    "VPN_SERVER_PUBLIC_ADDR",
+    "VPN_SERVER_PORT",
+    "VPN_IP",
+    "VPN_SUBNET_PREFIX",
+    "VPN_MANAGEMENT_IP_ASSIGN",
+    "VPN_NODE_IP_ASSIGN",
+    "VPN_RESEARCHER_IP_ASSIGN",
+)
+_PEER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TAG = re.compile(r"^#\s*fbm-peer\s+(\S+)\s+(\S+)\s*$")
+
+
+def check_peer_type(peer_type: str) -> str:
+    if peer_type not in PEER_TYPES:
+        raise BadInput(
+            f"unknown peer type {peer_type!r}; use one of: {', '.join(PEER_TYPES)}"
+        )
+    return peer_type
+
+
+def check_peer_id(peer_id: str) -> str:
+    if not _PEER_ID.match(peer_id or "") or ".." in peer_id:
+        raise BadInput(
+            f"peer id {peer_id!r} is not allowed; use 1 to 63 letters, digits, "
+            f"'.', '_' or '-', starting with a letter or digit, without '..'"
+        )
+    return peer_id
+
+
+@dataclass
+class Peer:
+    """One registered key of a peer, as written in wg0.conf."""
+
+    peer_type: str
+    peer_id: str
+    public_key: str
+    psk: str
+    allowed_ips: str
+
+
+@dataclass
+class ServerConf:
+    """The parsed wg0.conf of the server."""
+
+    private_key: str
+    listen_port: int = LISTEN_PORT
+    peers: list[Peer] = field(default_factory=list)
+
+    def render(self) -> str:
+        return templates.render("wg0-server.conf.j2", **vars(self))
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> "ServerConf":
+        sections: list[tuple[str, dict[str, str], tuple[str, str] | None]] = []
+        tag = None
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if match := _TAG.match(line):
+                tag = match.groups()
+            elif not line or line.startswith("#"):
+                continue
+            elif line in ("[Interface]", "[Peer]"):
+                sections.append((line, {}, tag))
+                tag = None
+            elif "=" in line and sections:
+                key, value = (part.strip() for part in line.split("=", 1))
+                sections[-1][1][key] = value
+            else:
+                raise StateError(f"{source}, line {number}: cannot read {line[:40]!r}")
+        interfaces = [body for kind, body, _ in sections if kind == "[Interface]"]
+        if len(interfaces) != 1 or "PrivateKey" not in interfaces[0]:
+            raise StateError(f"{source} has no [Interface] with a PrivateKey")
+        conf = cls(
+            private_key=interfaces[0]["PrivateKey"],
+            listen_port=int(interfaces[0].get("ListenPort", LISTEN_PORT)),
+        )
+        for kind, body, owner in sections:
+            if kind != "[Peer]":
+                continue
+            if owner is None:
+                raise StateError(
+                    f"{source} has a [Peer] without its '# fbm-peer TYPE ID' line; "
+                    f"add that line above it or remove the peer"
+                )
+            conf.peers.append(
+                Peer(
+                    peer_type=owner[0],
+                    peer_id=owner[1],
+                    public_key=body.get("PublicKey", ""),
+                    psk=body.get("PresharedKey", ""),
+                    allowed_ips=body.get("AllowedIPs", ""),
+                )
+            )
+        return conf
+
+    def keys_of(self, peer_type: str, peer_id: str) -> list[str]:
+        return [
+            p.public_key
+            for p in self.peers
+            if (p.peer_type, p.peer_id) == (peer_type, peer_id)
+        ]
+
+
+@dataclass
+class PeerEntry:
+    """A line of `list`: one peer config and the keys registered for it."""
+
+    peer_type: str
+    peer_id: str
+    prefix: str
+    keys: list[str]
+
+
+class Registry:
+    """The peer registry rooted at the server's config directory.
+
+    `apply` is called with the path of wg0.conf after each change of keys, so the
+    running interface can load it (the peer tool passes `wg syncconf`).
+    """
+
+    def __init__(self, root: Path, apply: Callable[[Path], None] | None = None):
+        self.root = Path(root)
+        self.apply = apply
+        self.config_env = self.root / "config.env"
+        self.wg_conf = self.root / "wireguard" / "wg0.conf"
+        self.peers_dir = self.root / "config_peers"
+        self.assign_dir = self.root / "ip_assign"
+        self._lock = self.root / ".registry.lock"
+
+    # -- server side -------------------------------------------------------
+
+    def settings(self) -> dict[str, str]:
+        try:
+            values = envfile.load(self.config_env, SERVER_KEYS)
+        except StateError as error:
+            raise StateError(
+                f"{error}; run `invoke vpnserver.init` to write the server settings"
+            ) from None
+        for peer_type in PEER_TYPES:
+            key = f"VPN_{peer_type.upper()}_IP_ASSIGN"
+            _network(values[key], key)
+        return values
+
+    def ensure_server_conf(self) -> ServerConf:
+        """Load wg0.conf, creating it with a new interface key the first time."""
+        if self.wg_conf.exists():
+            return ServerConf.parse(self.wg_conf.read_text(), str(self.wg_conf))
+        conf = ServerConf(private_key=keys.generate_private_key())
+        write_atomic(self.wg_conf, conf.render())
+        return conf
+
+    def server_public_key(self) -> str:
+        with locked(self._lock):
+            return keys.public_key(self.ensure_server_conf().private_key)
+
+    # -- peers -------------------------------------------------------------
+
+    def peer_env(self, peer_type: str, peer_id: str) -> Path:
+        return (
+            self.peers_dir / check_peer_type(peer_type) / check_peer_id(peer_id)
+        ) / "config.env"
+
+    @contextmanager
+    def transaction(self):
+        """Hold the lock and wg0.conf; write and apply it once, at the end."""
+        with locked(self._lock):
+            conf = self.ensure_server_conf()
+            before = conf.render()
+            yield conf
+            after = conf.render()
+            if after != before:
+                write_atomic(self.wg_conf, after)
+                if self.apply:
+                    self.apply(self.wg_conf)
+
+    def genconf(self, peer_type: str, peer_id: str, conf: ServerConf | None = None):
+        """Write the config.env of a new peer and return its path."""
+        path = self.peer_env(peer_type, peer_id)
+        if conf is None:
+            with self.transaction() as locked_conf:
+                return self.genconf(peer_type, peer_id, locked_conf)
+        if path.exists():
+            raise StateError(
+                f"peer {peer_type} {peer_id} has a configuration already ({path}); "
+                f"use it as it is, or remove it first with `removeconf`"
+            )
+        settings = self.settings()
+        ip = self._next_ip(peer_type, settings)
+        server_ip = settings["VPN_IP"]
+        prefix = settings["VPN_SUBNET_PREFIX"]
+        text = templates.render(
+            "peer-config.env.j2",
+            peer_type=peer_type,
+            peer_id=peer_id,
+            ip=ip,
+            prefix=prefix,
+            endpoint=_endpoint(settings),
+            allowed_ips=str(ipaddress.ip_network(f"{server_ip}/{prefix}", False)),
+            server_public_key=keys.public_key(conf.private_key),
+            psk=keys.generate_psk(),
+            server_ip=server_ip,
+        )
+        write_atomic(path, text)
+        write_atomic(self._last_ip_file(peer_type), f"{ip}\n", 0o644)
+        return path
+
+    def add(self, peer_type: str, peer_id: str, public_key: str, conf=None) -> bool:
+        """Register a key for a generated peer; False if it held that key already."""
+        public_key = keys.check_key(public_key, "public key")
+        if conf is None:
+            with self.transaction() as locked_conf:
+                return self.add(peer_type, peer_id, public_key, locked_conf)
+        path = self.peer_env(peer_type, peer_id)
+        if not path.exists():
+            raise StateError(
+                f"peer {peer_type} {peer_id} was never generated; "
+                f"run `genconf {peer_type} {peer_id}` first"
+            )
+        for peer in conf.peers:
+            if peer.public_key != public_key:
+                continue
+            if (peer.peer_type, peer.peer_id) == (peer_type, peer_id):
+                return False
+            raise StateError(
+                f"this public key is registered for {peer.peer_type} {peer.peer_id} "
+                f"already; a key belongs to one peer: remove it there first"
+            )
+        values = envfile.load(path, ("VPN_IP", "VPN_SERVER_PSK"))
+        conf.peers.append(
+            Peer(
+                peer_type=peer_type,
+                peer_id=peer_id,
+                public_key=public_key,
+                psk=keys.check_key(values["VPN_SERVER_PSK"], "preshared key"),
+                allowed_ips=f"{values['VPN_IP']}/32",
+            )
+        )
+        return True
+
+    def remove(self, peer_type: str, peer_id: str, conf=None) -> int:
+        """Unregister every key of a peer, keeping its config; return how many."""
+        path = self.peer_env(peer_type, peer_id)
+        if conf is None:
+            with self.transaction() as locked_conf:
+                return self.remove(peer_type, peer_id, locked_conf)
+        held = conf.keys_of(peer_type, peer_id)
+        if not held and not path.exists():
+            raise StateError(f"no peer {peer_type} {peer_id} is known to this server")
+        conf.peers = [
+            p for p in conf.peers if (p.peer_type, p.peer_id) != (peer_type, peer_id)
+        ]
+        return len(held)
+
+    def removeconf(self, peer_type: str, peer_id: str, conf=None) -> None:
+        """Unregister every key of a peer and delete its config."""
+        path = self.peer_env(peer_type, peer_id)
+        if conf is None:
+            with self.transaction() as locked_conf:
+                return self.removeconf(peer_type, peer_id, locked_conf)
+        self.remove(peer_type, peer_id, conf)
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+    def entries(self) -> list[PeerEntry]:
+        """Every peer config joined with the keys registered for it."""
+        conf = None
+        if self.wg_conf.exists():
+            conf = ServerConf.parse(self.wg_conf.read_text(), str(self.wg_conf))
+        result = []
+        for peer_type in PEER_TYPES:
+            folder = self.peers_dir / peer_type
+            if not folder.is_dir():
+                continue
+            for peer_dir in sorted(folder.iterdir()):
+                env = peer_dir / "config.env"
+                if not env.is_file():
+                    continue
+                ip = envfile.load(env).get("VPN_IP", "?")
+                held = conf.keys_of(peer_type, peer_dir.name) if conf else []
+                result.append(PeerEntry(peer_type, peer_dir.name, f"{ip}/32", held))
+        return result
+
+    # -- address assignment ------------------------------------------------
+
+    def _last_ip_file(self, peer_type: str) -> Path:
+        return self.assign_dir / f"last_ip_assign_{peer_type}"
+
+    def _next_ip(self, peer_type: str, settings: dict[str, str]) -> str:
+        key = f"VPN_{peer_type.upper()}_IP_ASSIGN"
+        network = _network(settings[key], key)
+        last_file = self._last_ip_file(peer_type)
+        if last_file.exists():
+            text = last_file.read_text().strip()
+            try:
+                last = ipaddress.ip_address(text)
+            except ValueError:
+                last = None
+            if last is None or last not in network:
+                raise StateError(
+                    f"{last_file} holds {text[:40]!r}, not an address of {network}; "
+                    f"delete it and the next genconf resumes after the highest "
+                    f"address already given to a {peer_type}"
+                )
+        else:
+            last = max(self._assigned(peer_type), default=network.network_address + 1)
+        candidate = last + 1
+        if candidate >= network.broadcast_address:
+            raise StateError(
+                f"no address left for {peer_type} peers in {network}; remove unused "
+                f"peers with `removeconf` or widen {key} in {self.config_env}"
+            )
+        return str(candidate)
+
+    def _assigned(self, peer_type: str):
+        folder = self.peers_dir / peer_type
+        for env in folder.glob("*/config.env") if folder.is_dir() else ():
+            ip = envfile.load(env).get("VPN_IP")
+            if ip:
+                yield ipaddress.ip_address(ip)
+
+
+def _network(text: str, key: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError:
+        raise StateError(
+            f"{key}={text!r} is not an IPv4 network such as 10.221.0.0/16"
+        ) from None
+
+
+def _endpoint(settings: dict[str, str]) -> str:
+    return f"{settings['VPN_SERVER_PUBLIC_ADDR']}:{settings['VPN_SERVER_PORT']}"

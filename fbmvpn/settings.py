@@ -1,0 +1,132 @@
+"""Settings of a deployment: the defaults, declared once, and their resolution.
+
+Invoke loads DEFAULTS under the `fbm` key (tasks/__init__.py), so invoke.yaml,
+`INVOKE_FBM_*` variables and task flags override any of them; the Fabric entry
+points read the same keys.
+"""
+
+import getpass
+import grp
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS = {
+    "instance": "main",
+    "tag": "latest",
+    "fedbiomed_version": "6.4.1",
+    "compose_dir": "envs/vpn/docker",
+    "mounts": "",
+    "identity": {"uid": None, "gid": None, "user": None, "group": None},
+    "build": {
+        "base_image": "debian:bookworm-slim",
+        "cuda_base_image": "nvidia/cuda:12.1.1-runtime-ubuntu22.04",
+        "ca_bundle": "",
+    },
+    "vpn": {
+        "public_addr": "",
+        "port": 51820,
+        "bind": "0.0.0.0",
+        "server_ip": "10.220.0.1",
+        "prefix": 14,
+        "assign": {
+            "management": "10.220.0.0/16",
+            "node": "10.221.0.0/16",
+            "researcher": "10.222.0.0/16",
+        },
+        "kernel_module": True,
+    },
+    "peers": {"node": "node1", "node2": "node2", "researcher": "researcher1"},
+    "researcher": {"host": "127.0.0.1", "jupyter_port": 8888, "tensorboard_port": 6006},
+    "gui": {"host": "127.0.0.1", "https_port": 8443, "http_port": 8484},
+    "wait_timeout": 90,
+    "gpu": {"cuda_version": "12.1.1"},
+}
+
+_INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
+
+
+def sanitize_name(name: str) -> str:
+    """Account names as the manual makes them: every non-alphanumeric becomes _."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
+
+
+@dataclass(frozen=True)
+class Identity:
+    uid: int
+    gid: int
+    user: str
+    group: str
+
+    @classmethod
+    def of_caller(cls) -> "Identity":
+        gid = os.getgid()
+        return cls(
+            uid=os.getuid(),
+            gid=gid,
+            user=sanitize_name(getpass.getuser()),
+            group=sanitize_name(grp.getgrgid(gid).gr_name),
+        )
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CONTAINER_UID": str(self.uid),
+            "CONTAINER_GID": str(self.gid),
+            "CONTAINER_USER": self.user,
+            "CONTAINER_GROUP": self.group,
+        }
+
+
+@dataclass
+class Settings:
+    """Resolved settings: plain values and absolute paths."""
+
+    raw: dict
+    instance: str
+    tag: str
+    compose_dir: Path
+    mounts: Path
+    identity: Identity
+
+    @classmethod
+    def from_config(cls, fbm) -> "Settings":
+        raw = _plain(fbm)
+        instance = str(raw["instance"])
+        if not _INSTANCE.match(instance):
+            raise BadInput(
+                f"instance id {instance!r} is not allowed; use up to 31 lowercase "
+                f"letters, digits, '-' or '_'"
+            )
+        compose_dir = PROJECT_ROOT / raw["compose_dir"]
+        mounts = Path(raw["mounts"]).expanduser() if raw["mounts"] else compose_dir
+        ident = raw["identity"]
+        caller = Identity.of_caller()
+        identity = Identity(
+            uid=int(ident["uid"] if ident["uid"] is not None else caller.uid),
+            gid=int(ident["gid"] if ident["gid"] is not None else caller.gid),
+            user=sanitize_name(ident["user"] or caller.user),
+            group=sanitize_name(ident["group"] or caller.group),
+        )
+        return cls(
+            raw=raw,
+            instance=instance,
+            tag=str(raw["tag"]),
+            compose_dir=compose_dir,
+            mounts=mounts.resolve(),
+            identity=identity,
+        )
+
+    def __getitem__(self, key):
+        return self.raw[key]
+
+
+def _plain(value):
+    """Invoke's DataProxy objects as plain dicts."""
+    if hasattr(value, "items"):
+        return {key: _plain(item) for key, item in value.items()}
+    return value

@@ -1,0 +1,539 @@
+"""The deployment logic: images, the VPN server, peers, components, status.
+
+A `Stack` is one instance of the compose project on one host. Every step is
+idempotent: it looks first, and changes only what differs from the goal.
+"""
+
+import ipaddress
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import envfile, registry, templates
+from .errors import BadInput, EngineError, StateError
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    peer_type: str | None = None  # None: not a VPN peer
+    mounts: tuple[str, ...] = ("config",)
+    image: str = ""
+    gpu_service: str | None = None
+
+    @property
+    def is_peer(self) -> bool:
+        return self.peer_type is not None
+
+    @property
+    def services(self) -> list[str]:
+        """Every compose service that runs this component's container."""
+        return [self.name] + ([self.gpu_service] if self.gpu_service else [])
+
+
+COMPONENTS = {
+    "vpnserver": Component("vpnserver", None, ("config",), "vpnserver"),
+    "node": Component("node", "node", ("config", "data", "fbm"), "node", "node-gpu"),
+    "node2": Component("node2", "node", ("config", "data", "fbm"), "node", "node2-gpu"),
+    "researcher": Component(
+        "researcher", "researcher", ("config", "data", "fbm", "samples"), "researcher"
+    ),
+    "gui": Component("gui", None, ("certs",), "gui"),
+}
+
+# image -> (compose service that builds it, image it is built FROM)
+IMAGES = {
+    "base": ("base", None),
+    "basenode": ("basenode-no-gpu", None),
+    "vpnserver": ("vpnserver", "base"),
+    "node": ("node", "basenode"),
+    "researcher": ("researcher", "base"),
+    "gui": ("gui", "base"),
+}
+SERVER_IP_DEFAULT = "10.220.0.1"
+RESEARCHER_IP = "10.222.0.2"
+
+
+def component(name: str) -> Component:
+    try:
+        return COMPONENTS[name]
+    except KeyError:
+        raise BadInput(
+            f"unknown component {name!r}; use one of: {', '.join(COMPONENTS)}"
+        ) from None
+
+
+def image_order(names) -> list[str]:
+    """The images to build for `names`, each after the image it starts FROM."""
+    order: list[str] = []
+
+    def visit(name):
+        if name not in IMAGES:
+            raise BadInput(f"unknown image {name!r}; use one of: {', '.join(IMAGES)}")
+        parent = IMAGES[name][1]
+        if parent:
+            visit(parent)
+        if name not in order:
+            order.append(name)
+
+    for name in names:
+        visit(name)
+    return order
+
+
+class Stack:
+    """One compose instance on one host."""
+
+    def __init__(self, host, settings: Settings, say=print):
+        self.host = host
+        self.settings = settings
+        self.say = say
+        self.project = f"fbm-vpn-{settings.instance}"
+        self.compose_file = settings.compose_dir / "docker-compose.yml"
+        self.env_file = settings.mounts / f"compose-{settings.instance}.env"
+
+    # -- paths and commands --------------------------------------------------
+
+    def run_mounts(self, name: str) -> Path:
+        return self.settings.mounts / name / "run_mounts"
+
+    def image(self, name: str) -> str:
+        return f"fedbiomed/vpn-{name}:{self.settings.tag}"
+
+    def container(self, name: str) -> str:
+        return f"fedbiomed-vpn-{name}-{self.settings.instance}"
+
+    def compose_argv(self, *args) -> list[str]:
+        return [
+            "docker",
+            "compose",
+            "--project-name",
+            self.project,
+            "--project-directory",
+            str(self.settings.compose_dir),
+            "--env-file",
+            str(self.env_file),
+            "-f",
+            str(self.compose_file),
+            *args,
+        ]
+
+    def compose(self, *args, hide=False, warn=False):
+        return self.host.run(self.compose_argv(*args), hide=hide, warn=warn)
+
+    def compose_env(self, gpu_image: bool = False) -> dict[str, str]:
+        s = self.settings
+        vpn, build = s["vpn"], s["build"]
+        res, gui = s["researcher"], s["gui"]
+        return {
+            "FBM_INSTANCE": s.instance,
+            "FBM_TAG": s.tag,
+            "FBM_MOUNTS": str(s.mounts),
+            **s.identity.env(),
+            "BASE_IMAGE": build["base_image"],
+            "CUDA_BASE_IMAGE": build["cuda_base_image"],
+            "VPN_SERVER_PORT": str(vpn["port"]),
+            "VPN_SERVER_BIND": vpn["bind"],
+            "USE_WG_KERNEL_MOD": "true" if vpn["kernel_module"] else "false",
+            "RESEARCHER_HOST": res["host"],
+            "JUPYTER_PORT": str(res["jupyter_port"]),
+            "TENSORBOARD_PORT": str(res["tensorboard_port"]),
+            "GUI_HOST": gui["host"],
+            "GUI_HTTPS_PORT": str(gui["https_port"]),
+            "GUI_HTTP_PORT": str(gui["http_port"]),
+        }
+
+    def write_compose_env(self) -> None:
+        """Write the variables compose reads, so echoed commands can be replayed."""
+        text = templates.render("compose.env.j2", values=self.compose_env())
+        if self.host.write_text(self.env_file, text, 0o644):
+            self.say(f"wrote {self.env_file}")
+
+    # -- engine --------------------------------------------------------------
+
+    def check_engine(self) -> None:
+        """Fail with the fix when Docker or Compose v2 is missing."""
+        version = self.host.probe(
+            ["docker", "version", "--format", "{{.Server.Version}}"]
+        )
+        if version.exited == 127:
+            raise EngineError(
+                "the docker command is not installed; install Docker "
+                "(Debian/Ubuntu: `sudo apt-get install docker.io`)"
+            )
+        if not version.ok:
+            detail = (version.stderr or version.stdout or "").strip().splitlines()
+            raise EngineError(
+                f"no Docker engine answers ({detail[-1] if detail else 'no output'}); "
+                f"start it (`sudo systemctl start docker`) or check DOCKER_HOST and "
+                f"that your account may use it (group `docker`)"
+            )
+        compose = self.host.probe(["docker", "compose", "version", "--short"])
+        if compose.ok and compose.stdout.strip().lstrip("v")[:1] >= "2":
+            return
+        legacy = self.host.probe(["docker-compose", "--version"])
+        found = f" (found {legacy.stdout.strip()})" if legacy.ok else ""
+        raise EngineError(
+            f"Docker Compose v2 (`docker compose`) is required{found}; install the "
+            f"plugin: `sudo apt-get install docker-compose-plugin` or see "
+            f"https://docs.docker.com/compose/install/linux/"
+        )
+
+    def image_exists(self, name: str) -> bool:
+        return self.host.probe(["docker", "image", "inspect", self.image(name)]).ok
+
+    # -- build ---------------------------------------------------------------
+
+    def build(self, names, force=False, gpu=False, ca_bundle=None) -> list[str]:
+        """Build the images in `names` (and their bases) that are missing."""
+        self.write_compose_env()
+        self._stage_ca_bundle(ca_bundle)
+        built = []
+        for name in image_order(names):
+            service = IMAGES[name][0]
+            if name == "basenode" and gpu:
+                service = "basenode"
+            if not force and self.image_exists(name):
+                self.say(f"image {self.image(name)} present; skipped")
+                continue
+            self.say(f"building {self.image(name)} (service {service})")
+            result = self.compose("build", service, warn=True)
+            if not result.ok:
+                raise EngineError(
+                    f"building {self.image(name)} failed (see the build output above); "
+                    f"fix the cause and run the same task again"
+                )
+            built.append(name)
+        return built
+
+    def _stage_ca_bundle(self, ca_bundle) -> None:
+        target = self.settings.compose_dir / ".build" / "extra-ca.crt"
+        text = ""
+        path = ca_bundle or self.settings["build"]["ca_bundle"]
+        if path:
+            path = Path(path).expanduser()
+            if not path.is_file():
+                raise BadInput(f"CA bundle {path} does not exist; give a PEM file")
+            text = path.read_text()
+            if "-----BEGIN CERTIFICATE-----" not in text:
+                raise BadInput(f"CA bundle {path} holds no PEM certificate")
+        self.host.write_text(target, text, 0o644)
+
+    def bootstrap_base_os(self, tag: str, mirror: str, force=False) -> bool:
+        """Make a Debian base image with debootstrap; False when it exists."""
+        if not force and self.host.probe(["docker", "image", "inspect", tag]).ok:
+            return False
+        if not self.host.probe(["sh", "-c", "command -v debootstrap"]).ok:
+            raise EngineError(
+                "debootstrap is not installed; `sudo apt-get install debootstrap`"
+            )
+        workdir = self.host.probe(["mktemp", "-d", "/tmp/fbm-base-os.XXXXXX"])
+        workdir = Path(workdir.stdout.strip())
+        rootfs, archive = workdir / "rootfs", workdir / "rootfs.tar"
+        try:
+            self.say(f"debootstrap bookworm from {mirror} (about a minute)")
+            steps = (
+                ["debootstrap", "--variant=minbase", "bookworm", rootfs, mirror],
+                ["tar", "-C", rootfs, "-cf", archive, "."],
+                ["docker", "import", archive, tag],
+            )
+            for argv in steps:
+                if not self.host.run(argv, hide="stdout", warn=True).ok:
+                    raise EngineError(
+                        f"`{argv[0]}` failed (output above); debootstrap needs root "
+                        f"and access to {mirror}"
+                    )
+        finally:
+            self.host.run(["rm", "-rf", workdir], hide=True, warn=True)
+        return True
+
+    # -- containers ----------------------------------------------------------
+
+    def prepare_mounts(self, name: str) -> None:
+        for sub in component(name).mounts:
+            self.host.mkdir(self.run_mounts(name) / sub)
+
+    def state(self, name: str) -> str:
+        """`running`, `restarting`, `exited`..., or `absent`."""
+        probe = self.host.probe(
+            ["docker", "inspect", "--format", "{{.State.Status}}", self.container(name)]
+        )
+        return probe.stdout.strip() if probe.ok else "absent"
+
+    def up(self, name: str, gpu: bool = False) -> None:
+        comp = component(name)
+        if comp.is_peer and not self.host.exists(self.peer_env_path(name)):
+            raise StateError(
+                f"{name} has no VPN config yet ({self.peer_env_path(name)}); "
+                f"run `invoke peer.join {name}` (it generates, copies and starts)"
+            )
+        self.write_compose_env()
+        self.prepare_mounts(name)
+        service = comp.gpu_service if gpu else name
+        if gpu and not service:
+            raise BadInput(f"{name} has no GPU variant")
+        result = self.compose("up", "-d", "--no-build", service, warn=True)
+        if not result.ok:
+            raise EngineError(
+                f"starting {service} failed: {(result.stderr or '').strip()[-300:]}; "
+                f"check `invoke build` ran and see `docker logs {self.container(name)}`"
+            )
+        self.wait_ready(name)
+
+    def down(self, name: str) -> None:
+        self.write_compose_env()
+        self.compose("stop", *component(name).services)
+
+    def wait_ready(self, name: str, timeout: float | None = None) -> None:
+        """Wait until the entrypoint marked the container ready (bounded)."""
+        if self.host.dry:
+            return
+        timeout = timeout or self.settings["wait_timeout"]
+        deadline = time.monotonic() + float(timeout)
+        while time.monotonic() < deadline:
+            state = self.state(name)
+            ready = ["test", "-f", "/run/fbm-vpn/ready"]
+            if state == "running" and self.exec_ok(name, ready):
+                return
+            if state in ("exited", "dead", "absent"):
+                break
+            time.sleep(0.5)
+        logs = self.host.probe(["docker", "logs", "--tail", "15", self.container(name)])
+        tail = (logs.stdout or "") + (logs.stderr or "")
+        raise EngineError(
+            f"{name} is not ready after {timeout} s (state: {self.state(name)}); "
+            f"last log lines:\n{tail.strip()}"
+        )
+
+    def exec_ok(self, name: str, argv) -> bool:
+        return self.host.probe(["docker", "exec", self.container(name), *argv]).ok
+
+    def exec(self, name: str, argv, *, hide=True, warn=False, stdin=None, probe=False):
+        command = ["docker", "exec"] + (["-i"] if stdin is not None else [])
+        command += [self.container(name), *argv]
+        if probe:
+            return self.host.probe(command)
+        return self.host.run(command, hide=hide, warn=warn, stdin=stdin)
+
+    # -- VPN server ----------------------------------------------------------
+
+    def server_config(self) -> Path:
+        return self.run_mounts("vpnserver") / "config" / "config.env"
+
+    def vpnserver_init(self, public_addr: str | None = None, force=False) -> bool:
+        """Write the server's config.env; False when it exists and stays."""
+        path = self.server_config()
+        if self.host.exists(path) and not force:
+            self.say(f"{path} exists; kept (use --force to rewrite it)")
+            return False
+        vpn = self.settings["vpn"]
+        public_addr = public_addr or vpn["public_addr"] or self.detect_public_addr()
+        check_address(public_addr)
+        if is_loopback(public_addr):
+            self.say(
+                f"warning: {public_addr} is a loopback address: peers in containers "
+                f"or on other machines cannot reach the server there"
+            )
+        text = templates.render(
+            "vpnserver-config.env.j2",
+            public_addr=public_addr,
+            port=int(vpn["port"]),
+            server_ip=vpn["server_ip"],
+            prefix=int(vpn["prefix"]),
+            assign=vpn["assign"],
+            kernel_module=bool(vpn["kernel_module"]),
+        )
+        self.host.mkdir(path.parent)
+        self.host.write_text(path, text, 0o644)
+        self.say(f"wrote {path} (public address {public_addr}:{vpn['port']})")
+        return True
+
+    def detect_public_addr(self) -> str:
+        """The address of the interface holding the default route."""
+        probe = self.host.probe(["ip", "-4", "route", "get", "192.0.2.255"])
+        words = (probe.stdout or "").split()
+        if probe.ok and "src" in words:
+            return words[words.index("src") + 1]
+        raise StateError(
+            "cannot detect this machine's address; pass --public-addr ADDR "
+            "(the address peers use to reach this machine)"
+        )
+
+    def peer_tool(self, *args, stdin=None, hide=True, warn=False):
+        """Run the server's peer tool; a refusal becomes a StateError."""
+        if not self.host.dry and self.state("vpnserver") != "running":
+            raise StateError(
+                "the vpnserver container is not running; start it with "
+                "`invoke vpnserver.up`"
+            )
+        result = self.exec(
+            "vpnserver", ["configure_peer", *args], hide=hide, warn=True, stdin=stdin
+        )
+        if not result.ok and not warn:
+            message = (result.stderr or "").strip()
+            raise StateError(message.removeprefix("configure_peer: "))
+        return result
+
+    # -- peers ---------------------------------------------------------------
+
+    def peer_env_path(self, name: str) -> Path:
+        return self.run_mounts(name) / "config" / "config.env"
+
+    def public_key(self, name: str) -> str:
+        """The live WireGuard public key of a component (never empty)."""
+        if self.host.dry:
+            return f"<public key of {name}>"
+        self.wait_ready(name)
+        result = self.exec(name, ["wg", "show", "wg0", "public-key"], probe=True)
+        key = (result.stdout or "").strip()
+        if not result.ok or not key or key == "(none)":
+            raise EngineError(f"{name} has no WireGuard key yet; see `invoke status`")
+        return key
+
+    def join(self, name: str, peer_id: str, gpu: bool = False) -> str:
+        """Generate, copy, start, register and check a local component."""
+        comp = component(name)
+        if not comp.is_peer:
+            raise BadInput(f"{name} is not a VPN peer")
+        registry.check_peer_id(peer_id)
+        ptype = comp.peer_type
+
+        shown = self.peer_tool("show", ptype, peer_id, warn=True)
+        if not self.host.dry and not shown.ok:
+            self.peer_tool("genconf", ptype, peer_id, hide=False)
+            shown = self.peer_tool("show", ptype, peer_id)
+            self.say(f"generated VPN config for {ptype} {peer_id}")
+        else:
+            self.say(f"VPN config for {ptype} {peer_id} exists on the server; reused")
+
+        changed = False
+        if shown.stdout is not None:
+            text = shown.stdout if shown.stdout.endswith("\n") else shown.stdout + "\n"
+            self.prepare_mounts(name)
+            changed = self.host.write_text(self.peer_env_path(name), text, 0o600)
+            if changed:
+                self.say(f"copied the config into {self.peer_env_path(name)}")
+
+        was_running = self.state(name) == "running"
+        self.up(name, gpu=gpu)
+        if changed and was_running:
+            self.say(f"restarting {name} to load its new VPN config")
+            self.compose("restart", comp.gpu_service if gpu else name)
+            self.wait_ready(name)
+
+        key = self.public_key(name)
+        self.peer_tool("add", ptype, peer_id, key, hide=False)
+        server_ip = self.settings["vpn"]["server_ip"]
+        if not self.host.dry and not self.ping(name, server_ip):
+            raise EngineError(
+                f"{name} does not reach the VPN server at {server_ip}; check that "
+                f"UDP {self.settings['vpn']['port']} on the server's public address "
+                f"is reachable from {name} (`invoke status` names the broken hop)"
+            )
+        return key
+
+    def ping(self, name: str, target: str, count: int = 3) -> bool:
+        if self.host.dry:
+            return True
+        argv = ["ping", "-c", str(count), "-W", "2", "-q", target]
+        return self.exec(name, argv, probe=True).ok
+
+    def vpn_ip(self, name: str) -> str | None:
+        path = self.peer_env_path(name)
+        if not self.host.exists(path):
+            return None
+        return envfile.parse(self.host.read_text(path)).get("VPN_IP")
+
+    def handshake_age(self, name: str) -> float | None:
+        result = self.exec(name, ["wg", "show", "wg0", "latest-handshakes"], probe=True)
+        stamps = [
+            int(line.split("\t")[1])
+            for line in (result.stdout or "").splitlines()
+            if "\t" in line
+        ]
+        stamp = max(stamps, default=0)
+        return time.time() - stamp if stamp else None
+
+    # -- status --------------------------------------------------------------
+
+    def status(self, names=None) -> list[dict]:
+        """One row per component: state, VPN address, pings, handshake age."""
+        server_ip = self.settings["vpn"]["server_ip"]
+        researcher_ip = self.vpn_ip("researcher")
+        rows = []
+        for name in names or COMPONENTS:
+            comp = component(name)
+            state = self.state(name)
+            row = {"component": name, "state": state, "ok": state == "running"}
+            if comp.is_peer and state != "absent":
+                row["vpn_ip"] = self.vpn_ip(name)
+                up = state == "running"
+                row["ping_server"] = up and self.ping(name, server_ip, 1)
+                age = self.handshake_age(name) if up else None
+                row["handshake_age_s"] = None if age is None else round(age)
+                row["ok"] = bool(row["ping_server"])
+                if comp.peer_type == "node" and researcher_ip and up:
+                    row["ping_researcher"] = self.ping(name, researcher_ip, 1)
+                    row["ok"] = row["ok"] and row["ping_researcher"]
+            if state == "absent":
+                row["ok"] = None  # not deployed here: not a failure
+            rows.append(row)
+        return rows
+
+    # -- clean ---------------------------------------------------------------
+
+    def clean(self, name: str, level: str, datasets: bool = False) -> list[str]:
+        """Remove a component's container, then config, then image; say what."""
+        comp = component(name)
+        levels = ("container", "config", "image")
+        if level not in levels:
+            raise BadInput(f"unknown level {level!r}; use one of: {', '.join(levels)}")
+        done = []
+        self.write_compose_env()
+        self.compose("rm", "--stop", "--force", *comp.services)
+        done.append(f"container {self.container(name)}")
+        if level in ("config", "image"):
+            mounts = self.run_mounts(name)
+            for sub in comp.mounts:
+                if sub == "data" and not datasets:
+                    continue
+                target = mounts / sub
+                if self.host.exists(target):
+                    self.host.remove_tree(target)
+                    done.append(str(target))
+        if level == "image":
+            image = self.image(comp.image)
+            if self.host.probe(["docker", "image", "inspect", image]).ok:
+                self.host.run(["docker", "image", "rm", image], warn=True)
+                done.append(f"image {image}")
+            self.host.run(["docker", "image", "prune", "--force"], hide=True)
+        return done
+
+
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+)
+
+
+def check_address(text: str) -> str:
+    """Accept an IP address or a DNS name for the server's public address."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not _HOSTNAME.match(text or ""):
+            raise BadInput(
+                f"{text!r} is neither an IP address nor a host name; give the "
+                f"address peers use to reach the VPN server, e.g. "
+                f"--public-addr 203.0.113.7"
+            ) from None
+    return text
+
+
+def is_loopback(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return text == "localhost"

@@ -1,0 +1,41 @@
+"""Glue shared by the task modules (not a task module itself)."""
+
+import sys
+from contextlib import contextmanager
+
+from invoke import Exit
+
+from fbmvpn.errors import FbmVpnError
+from fbmvpn.host import LocalHost
+from fbmvpn.settings import Settings
+from fbmvpn.stack import Stack
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def open_stack(ctx) -> Stack:
+    """The Stack of this machine, with settings from Invoke's configuration."""
+    with step("reading settings"):
+        return Stack(LocalHost(ctx), Settings.from_config(ctx.config.fbm), say=say)
+
+
+@contextmanager
+def step(what: str):
+    """Turn a library error into a one-line exit that names the failed step."""
+    try:
+        yield
+    except FbmVpnError as error:
+        raise Exit(f"{what} failed: {error}", code=1) from None
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask before a destructive step; without a terminal, demand --yes."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise Exit(f"{question} Not confirmed: no terminal; pass --yes to proceed.")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise Exit("Nothing deleted.", code=1)

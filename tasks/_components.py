@@ -1,0 +1,59 @@
+"""Task collections for the components run by compose: node, node2, researcher, gui.
+
+Built by one factory so the four namespaces behave alike; each gets its own
+task objects (none is shared between namespaces).
+"""
+
+from invoke import Collection, task
+
+from fbmvpn.stack import component
+
+from ._common import open_stack, say, step
+
+
+def component_collection(name: str) -> Collection:
+    comp = component(name)
+
+    def start(ctx, gpu=False):
+        stack = open_stack(ctx)
+        with step(f"{name}.up"):
+            stack.up(name, gpu=gpu)
+        say(f"{name} up: {stack.container(name)}")
+
+    def start_without_gpu(ctx):
+        start(ctx)
+
+    if comp.gpu_service:
+        start.__doc__ = f"Start the {name} container and wait until it is ready."
+        up = task(start, name="up", help={"gpu": "start the GPU variant (NVIDIA)"})
+    else:
+        start_without_gpu.__doc__ = f"Start the {name} container; wait until ready."
+        up = task(start_without_gpu, name="up")
+
+    @task
+    def down(ctx):
+        stack = open_stack(ctx)
+        with step(f"{name}.down"):
+            stack.down(name)
+
+    down.__doc__ = f"Stop the {name} container (its files are kept)."
+
+    @task(help={"root": "open the shell as root instead of the run-time account"})
+    def shell(ctx, root=False):
+        stack = open_stack(ctx)
+        user = [] if root else ["-u", str(stack.settings.identity.uid)]
+        argv = ["docker", "exec", "-it", *user, stack.container(name), "bash"]
+        ctx.run(" ".join(argv), pty=True)
+
+    shell.__doc__ = f"Open an interactive shell in the {name} container."
+
+    @task(help={"follow": "keep printing new lines", "tail": "lines to show"})
+    def logs(ctx, follow=False, tail=100):
+        stack = open_stack(ctx)
+        argv = ["docker", "logs", "--tail", str(int(tail))]
+        ctx.run(" ".join(argv + (["-f"] if follow else []) + [stack.container(name)]))
+
+    logs.__doc__ = f"Show the {name} container's log."
+
+    return Collection(name, up, down, shell, logs)
+

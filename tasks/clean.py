@@ -1,0 +1,38 @@
+"""Remove what the deployment made, in the manual's three levels."""
+
+from invoke import Collection, task
+
+from fbmvpn.stack import COMPONENTS
+
+from ._common import confirm, open_stack, say, step
+
+
+@task(
+    default=True,
+    positional=["component"],
+    help={
+        "component": f"one of {', '.join(COMPONENTS)}, or 'all'",
+        "level": "container (1), config (2: also its config files) or image "
+        "(3: also its image)",
+        "datasets": "also delete the node's data folder (datasets); off by default",
+        "yes": "do not ask for confirmation (needed without a terminal)",
+    },
+)
+def component(ctx, component, level="container", datasets=False, yes=False):
+    """Remove a component's container, config or image (each level adds to the last).
+
+    Datasets under the node's data folder stay unless --datasets is given.
+    """
+    stack = open_stack(ctx)
+    names = list(COMPONENTS) if component == "all" else [component]
+    what = f"{level} level of {', '.join(names)}"
+    if datasets:
+        what += " INCLUDING the node datasets"
+    confirm(f"Delete the {what} (instance {stack.settings.instance})?", yes)
+    for name in names:
+        with step(f"clean {name}"):
+            done = stack.clean(name, level, datasets=datasets)
+        say(f"{name}: removed {'; '.join(done)}")
+
+
+ns = Collection("clean", component)

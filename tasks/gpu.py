@@ -1,0 +1,49 @@
+"""`gpu.check`: does this machine meet the prerequisites of a GPU node?
+
+The CUDA version of the node image is `gpu.cuda_version` in the configuration
+(invoke.yaml, INVOKE_GPU_CUDA_VERSION), or `--cuda`.
+"""
+
+from invoke import Collection, Exit, task
+
+from fbmvpn import gpu
+from fbmvpn.errors import FbmVpnError
+
+
+def _configured_cuda(ctx) -> str:
+    section = ctx.config.get("gpu") or {}
+    return section.get("cuda_version") or gpu.DEFAULT_CUDA
+
+
+@task(
+    help={
+        "json": "print the results as JSON (for CI) instead of a table",
+        "cuda": "CUDA version of the node image, which sets the minimum driver "
+        f"(default: gpu.cuda_version, else {gpu.DEFAULT_CUDA})",
+    }
+)
+def check(ctx, json=False, cuda=None):
+    """Check driver, container toolkit, docker runtime and compose for a GPU node.
+
+    Exits non-zero when a prerequisite is missing; the table says how to fix it.
+    """
+    cuda = cuda or _configured_cuda(ctx)
+
+    try:
+        checks = gpu.run_checks(gpu.shell_runner(ctx), cuda)
+    except FbmVpnError as error:
+        raise Exit(f"gpu.check: {error}", code=1) from error
+
+    print(gpu.to_json(checks) if json else gpu.render_table(checks))
+
+    missing = [c.name for c in gpu.failed(checks)]
+    if missing:
+        where = "the fixes in the JSON output" if json else "the fixes above"
+        raise Exit(
+            f"GPU prerequisites not met: {', '.join(missing)}; see {where}", code=1
+        )
+
+
+ns = Collection("gpu")
+ns.add_task(check)
+ns.configure({"gpu": {"cuda_version": gpu.DEFAULT_CUDA}})
