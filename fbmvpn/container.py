@@ -120,7 +120,7 @@ def server_setup() -> tuple[str, str]:
     return f"{settings['VPN_IP']}/{settings['VPN_SUBNET_PREFIX']}", registry.wg_conf
 
 
-def client_setup() -> tuple[str, Path]:
+def client_setup() -> tuple[str, Path, str]:
     """Render the client wg0.conf from config.env, keeping the interface key."""
     env_path = CONFIG / "config.env"
     try:
@@ -148,7 +148,8 @@ def client_setup() -> tuple[str, Path]:
     address = ipaddress.ip_interface(
         f"{values['VPN_IP']}/{values['VPN_SUBNET_PREFIX']}"
     )
-    return str(address), conf
+    server_ip = values.get("VPN_SERVER_IP") or str(address.network.network_address + 1)
+    return str(address), conf, server_ip
 
 
 def interface_up(address: str, conf: Path) -> subprocess.Popen | None:
@@ -195,24 +196,67 @@ def interface_down(process: subprocess.Popen | None) -> None:
 # -- main --------------------------------------------------------------------
 
 
-def main() -> int:
+class Watchdog:
+    """Keeps a client's tunnel alive across a restart of the server.
+
+    When the server container restarts, the host's connection tracking may keep
+    sending this client's packets to a path that no longer exists (docker's
+    published UDP port). After two failed pings of the server, the client moves
+    to a new source port, which opens a fresh path.
+    """
+
+    def __init__(self, server_ip: str, every: float = 10.0):
+        self.server_ip = server_ip
+        self.every = every
+        self.next_check = time.monotonic() + every
+        self.failures = 0
+
+    def tick(self) -> None:
+        if time.monotonic() < self.next_check:
+            return
+        self.next_check = time.monotonic() + self.every
+        ping = subprocess.run(
+            ["ping", "-c", "1", "-W", "3", self.server_ip], capture_output=True
+        )
+        self.failures = 0 if ping.returncode == 0 else self.failures + 1
+        if self.failures >= 2:
+            log(f"{self.server_ip} unreachable; moving to a new source port")
+            subprocess.run(["wg", "set", INTERFACE, "listen-port", "0"], check=False)
+            self.failures = 0
+
+
+def identity_from_env() -> None:
+    uid = int(os.environ["CONTAINER_UID"])
+    gid = int(os.environ["CONTAINER_GID"])
+    ensure_identity(
+        uid, gid, os.environ["CONTAINER_USER"], os.environ["CONTAINER_GROUP"]
+    )
+    chown_paths(uid, gid)
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--identity-only"]:  # at image build time
+        try:
+            identity_from_env()
+        except (FbmVpnError, KeyError, ValueError) as error:
+            log(f"cannot set up the account: {error}")
+            return 1
+        return 0
+
     role = os.environ.get("FBM_VPN_ROLE", "client")
     READY.unlink(missing_ok=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    process = None
+    process = watchdog = None
     try:
-        uid = int(os.environ["CONTAINER_UID"])
-        gid = int(os.environ["CONTAINER_GID"])
-        ensure_identity(
-            uid, gid, os.environ["CONTAINER_USER"], os.environ["CONTAINER_GROUP"]
-        )
-        chown_paths(uid, gid)
+        identity_from_env()
         if role == "server":
             process = interface_up(*server_setup())
         elif role == "client":
-            process = interface_up(*client_setup())
+            address, conf, server_ip = client_setup()
+            process = interface_up(address, conf)
+            watchdog = Watchdog(server_ip)
     except (FbmVpnError, subprocess.CalledProcessError, KeyError, ValueError) as error:
         log(f"cannot start: {error}")
         interface_down(process)
@@ -225,6 +269,8 @@ def main() -> int:
         if process and process.poll() is not None:
             log("wireguard-go stopped; exiting so the container restarts")
             return 1
+        if watchdog:
+            watchdog.tick()
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
@@ -238,4 +284,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

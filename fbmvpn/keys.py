@@ -18,7 +18,10 @@ def _encode(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def decode_key(text: str, what: str = "key") -> bytes:
+COPY_AGAIN = "copy it again from `wg show wg0 public-key`"
+
+
+def decode_key(text: str, what: str = "key", fix: str = COPY_AGAIN) -> bytes:
     """Return the 32 raw bytes of a base64 WireGuard key, or raise BadInput."""
     text = text.strip()
     try:
@@ -29,15 +32,14 @@ def decode_key(text: str, what: str = "key") -> bytes:
         # The value itself is never echoed: it may be a mistyped private key.
         raise BadInput(
             f"{what} is not a WireGuard key: got {len(text)} characters, expected "
-            f"44 characters of base64 encoding 32 bytes; copy it again from "
-            f"`wg show wg0 public-key`"
+            f"44 characters of base64 encoding 32 bytes; {fix}"
         )
     return raw
 
 
-def check_key(text: str, what: str = "key") -> str:
+def check_key(text: str, what: str = "key", fix: str = COPY_AGAIN) -> str:
     """Return the key in canonical form after checking it, or raise BadInput."""
-    return _encode(decode_key(text, what))
+    return _encode(decode_key(text, what, fix))
 
 
 def generate_private_key() -> str:
@@ -50,7 +52,7 @@ def generate_private_key() -> str:
 
 def public_key(private_key: str) -> str:
     """The public key of a private key (what `wg pubkey` prints)."""
-    raw = decode_key(private_key, "private key")
+    raw = decode_key(private_key, "private key", "the wg0.conf holding it is damaged")
     return _encode(crypto_scalarmult_base(raw))
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from .errors import FbmVpnError
+from . import keys
+from .errors import EngineError, FbmVpnError
 from .registry import PEER_TYPES, Registry
 
 CONFIG_ROOT = Path(os.environ.get("FBM_VPN_CONFIG", "/config"))
@@ -40,7 +41,14 @@ def sync_interface(conf_path: Path) -> None:
     """Load wg0.conf into the running interface, if there is one."""
     if not _interface_up():
         return
-    subprocess.run(["wg", "syncconf", INTERFACE, str(conf_path)], check=True)
+    result = subprocess.run(
+        ["wg", "syncconf", INTERFACE, str(conf_path)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise EngineError(
+            f"{conf_path} is saved but `wg syncconf {INTERFACE}` failed "
+            f"({result.stderr.strip()}); restart the vpnserver container to load it"
+        )
 
 
 def latest_handshakes() -> dict[str, int]:
@@ -62,31 +70,41 @@ def _age(stamp: int | None, now: float) -> str:
     return f"{int(now - stamp)}s ago"
 
 
-def run_verb(registry: Registry, argv: list[str], conf=None) -> str:
-    """Run one verb and return what it prints."""
-    args = _parser().parse_args(argv)
+MUTATING = ("genconf", "add", "remove", "removeconf")
+
+
+def apply_verb(tx, args) -> str:
+    """Stage one changing verb in a transaction; return what it prints."""
     if args.verb == "genconf":
-        path = registry.genconf(args.type, args.id, conf)
+        path = tx.genconf(args.type, args.id)
         return f"generated {args.type} {args.id}: {path}"
     if args.verb == "add":
-        added = registry.add(args.type, args.id, args.pubkey, conf)
+        added = tx.add(args.type, args.id, args.pubkey)
         state = "registered" if added else "was already registered"
         return f"key {state} for {args.type} {args.id}"
     if args.verb == "remove":
-        count = registry.remove(args.type, args.id, conf)
+        count = tx.remove(args.type, args.id)
         return f"removed {count} key(s) of {args.type} {args.id}; config kept"
-    if args.verb == "removeconf":
-        registry.removeconf(args.type, args.id, conf)
-        return f"removed {args.type} {args.id} and its config"
+    tx.removeconf(args.type, args.id)
+    return f"removed {args.type} {args.id} and its config"
+
+
+def run_verb(registry: Registry, argv: list[str]) -> str:
+    """Run one verb and return what it prints."""
+    args = _parser().parse_args(argv)
+    if args.verb in MUTATING:
+        registry.peer_env(args.type, args.id)  # refuse a bad id before any write
+        if args.verb == "add":
+            keys.check_key(args.pubkey, "public key")
+        with registry.transaction() as tx:
+            return apply_verb(tx, args)
     if args.verb == "show":
-        return registry.peer_env(args.type, args.id).read_text().rstrip("\n")
+        return registry.show(args.type, args.id).rstrip("\n")
     if args.verb == "pubkey":
         return registry.server_public_key()
     if args.verb == "list":
         return _list(registry, args.json)
-    if args.verb == "batch":
-        return _batch(registry)
-    raise AssertionError(args.verb)
+    return _batch(registry)
 
 
 def _list(registry: Registry, as_json: bool) -> str:
@@ -118,21 +136,28 @@ def _list(registry: Registry, as_json: bool) -> str:
 
 
 def _batch(registry: Registry) -> str:
-    """Run verbs read from stdin under one lock; stop at the first failure."""
-    lines = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    """Run verbs read from stdin in one transaction: all of them, or none."""
+    lines = sys.stdin.read().splitlines()
     done = 0
-    with registry.transaction() as conf:
+    with registry.transaction() as tx:
         for number, line in enumerate(lines, 1):
-            argv = shlex.split(line)
-            if not argv or argv[0] not in ("genconf", "add", "remove", "removeconf"):
-                raise FbmVpnError(f"batch line {number}: unsupported verb in {line!r}")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            verb = ""
             try:
-                run_verb(registry, argv, conf)
-            except FbmVpnError as error:
-                raise FbmVpnError(
-                    f"batch line {number} ({argv[0]}): {error}; "
-                    f"{done} earlier line(s) were applied"
-                ) from None
+                argv = shlex.split(line)
+                verb = argv[0] if argv else ""
+                if verb not in MUTATING or any(a.startswith("-") for a in argv):
+                    raise FbmVpnError(
+                        f"unsupported verb or option: only {', '.join(MUTATING)} "
+                        f"without options may be batched"
+                    )
+                apply_verb(tx, _parser().parse_args(argv))
+            except (FbmVpnError, ValueError) as error:
+                where = (
+                    f"batch line {number} ({verb})" if verb else f"batch line {number}"
+                )
+                raise FbmVpnError(f"{where}: {error}; nothing was applied") from None
             done += 1
     return f"applied {done} line(s)"
 

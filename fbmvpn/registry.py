@@ -49,7 +49,7 @@ def check_peer_type(peer_type: str) -> str:
 
 
 def check_peer_id(peer_id: str) -> str:
-    if not _PEER_ID.match(peer_id or "") or ".." in peer_id:
+    if not _PEER_ID.fullmatch(peer_id or "") or ".." in peer_id:
         raise BadInput(
             f"peer id {peer_id!r} is not allowed; use 1 to 63 letters, digits, "
             f"'.', '_' or '-', starting with a letter or digit, without '..'"
@@ -157,9 +157,8 @@ class Registry:
         self.assign_dir = self.root / "ip_assign"
         self._lock = self.root / ".registry.lock"
 
-    # -- server side -------------------------------------------------------
-
     def settings(self) -> dict[str, str]:
+        """The server settings from config.env, each value checked."""
         try:
             values = envfile.load(self.config_env, SERVER_KEYS)
         except StateError as error:
@@ -169,21 +168,30 @@ class Registry:
         for peer_type in PEER_TYPES:
             key = f"VPN_{peer_type.upper()}_IP_ASSIGN"
             _network(values[key], key)
+        try:
+            ipaddress.IPv4Interface(f"{values['VPN_IP']}/{values['VPN_SUBNET_PREFIX']}")
+        except ValueError:
+            raise StateError(
+                f"VPN_IP={values['VPN_IP']!r} / VPN_SUBNET_PREFIX="
+                f"{values['VPN_SUBNET_PREFIX']!r} in {self.config_env} is not an IPv4 "
+                f"address and prefix such as 10.220.0.1 / 14"
+            ) from None
+        port = values["VPN_SERVER_PORT"]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise StateError(
+                f"VPN_SERVER_PORT={port!r} in {self.config_env} is not a UDP port"
+            )
         return values
 
-    def ensure_server_conf(self) -> ServerConf:
-        """Load wg0.conf, creating it with a new interface key the first time."""
-        if self.wg_conf.exists():
-            return ServerConf.parse(self.wg_conf.read_text(), str(self.wg_conf))
-        conf = ServerConf(private_key=keys.generate_private_key())
-        write_atomic(self.wg_conf, conf.render())
-        return conf
+    def load_server_conf(self) -> ServerConf | None:
+        if not self.wg_conf.exists():
+            return None
+        return ServerConf.parse(self.wg_conf.read_text(), str(self.wg_conf))
 
     def server_public_key(self) -> str:
-        with locked(self._lock):
-            return keys.public_key(self.ensure_server_conf().private_key)
-
-    # -- peers -------------------------------------------------------------
+        """The server's public key; the interface key is made on first use."""
+        with self.transaction() as tx:
+            return keys.public_key(tx.conf.private_key)
 
     def peer_env(self, peer_type: str, peer_id: str) -> Path:
         return (
@@ -192,109 +200,58 @@ class Registry:
 
     @contextmanager
     def transaction(self):
-        """Hold the lock and wg0.conf; write and apply it once, at the end."""
-        with locked(self._lock):
-            conf = self.ensure_server_conf()
-            before = conf.render()
-            yield conf
-            after = conf.render()
-            if after != before:
-                write_atomic(self.wg_conf, after)
-                if self.apply:
-                    self.apply(self.wg_conf)
+        """Hold the lock; stage every change and write it only if all succeed.
 
-    def genconf(self, peer_type: str, peer_id: str, conf: ServerConf | None = None):
-        """Write the config.env of a new peer and return its path."""
-        path = self.peer_env(peer_type, peer_id)
-        if conf is None:
-            with self.transaction() as locked_conf:
-                return self.genconf(peer_type, peer_id, locked_conf)
-        if path.exists():
-            raise StateError(
-                f"peer {peer_type} {peer_id} has a configuration already ({path}); "
-                f"use it as it is, or remove it first with `removeconf`"
-            )
+        Files are replaced one by one (each atomically) at the end, addresses
+        first, so a crash can leave a gap in the assignment but never hand out an
+        address twice; wg0.conf comes last and is applied once.
+        """
         settings = self.settings()
-        ip = self._next_ip(peer_type, settings)
-        server_ip = settings["VPN_IP"]
-        prefix = settings["VPN_SUBNET_PREFIX"]
-        text = templates.render(
-            "peer-config.env.j2",
-            peer_type=peer_type,
-            peer_id=peer_id,
-            ip=ip,
-            prefix=prefix,
-            endpoint=_endpoint(settings),
-            allowed_ips=str(ipaddress.ip_network(f"{server_ip}/{prefix}", False)),
-            server_public_key=keys.public_key(conf.private_key),
-            psk=keys.generate_psk(),
-            server_ip=server_ip,
-        )
-        write_atomic(path, text)
-        write_atomic(self._last_ip_file(peer_type), f"{ip}\n", 0o644)
-        return path
+        with locked(self._lock):
+            tx = Transaction(self, settings)
+            yield tx
+            tx.commit()
 
-    def add(self, peer_type: str, peer_id: str, public_key: str, conf=None) -> bool:
+    # One transaction per call; `batch` runs many verbs in one transaction.
+
+    def genconf(self, peer_type: str, peer_id: str) -> Path:
+        """Write the config.env of a new peer and return its path."""
+        self.peer_env(peer_type, peer_id)
+        with self.transaction() as tx:
+            return tx.genconf(peer_type, peer_id)
+
+    def add(self, peer_type: str, peer_id: str, public_key: str) -> bool:
         """Register a key for a generated peer; False if it held that key already."""
+        self.peer_env(peer_type, peer_id)
         public_key = keys.check_key(public_key, "public key")
-        if conf is None:
-            with self.transaction() as locked_conf:
-                return self.add(peer_type, peer_id, public_key, locked_conf)
+        with self.transaction() as tx:
+            return tx.add(peer_type, peer_id, public_key)
+
+    def remove(self, peer_type: str, peer_id: str) -> int:
+        """Unregister every key of a peer, keeping its config; return how many."""
+        self.peer_env(peer_type, peer_id)
+        with self.transaction() as tx:
+            return tx.remove(peer_type, peer_id)
+
+    def removeconf(self, peer_type: str, peer_id: str) -> None:
+        """Unregister every key of a peer and delete its config."""
+        self.peer_env(peer_type, peer_id)
+        with self.transaction() as tx:
+            tx.removeconf(peer_type, peer_id)
+
+    def show(self, peer_type: str, peer_id: str) -> str:
+        """The config.env text of a peer (it holds the preshared key)."""
         path = self.peer_env(peer_type, peer_id)
-        if not path.exists():
+        if not path.is_file():
             raise StateError(
                 f"peer {peer_type} {peer_id} was never generated; "
                 f"run `genconf {peer_type} {peer_id}` first"
             )
-        for peer in conf.peers:
-            if peer.public_key != public_key:
-                continue
-            if (peer.peer_type, peer.peer_id) == (peer_type, peer_id):
-                return False
-            raise StateError(
-                f"this public key is registered for {peer.peer_type} {peer.peer_id} "
-                f"already; a key belongs to one peer: remove it there first"
-            )
-        values = envfile.load(path, ("VPN_IP", "VPN_SERVER_PSK"))
-        conf.peers.append(
-            Peer(
-                peer_type=peer_type,
-                peer_id=peer_id,
-                public_key=public_key,
-                psk=keys.check_key(values["VPN_SERVER_PSK"], "preshared key"),
-                allowed_ips=f"{values['VPN_IP']}/32",
-            )
-        )
-        return True
-
-    def remove(self, peer_type: str, peer_id: str, conf=None) -> int:
-        """Unregister every key of a peer, keeping its config; return how many."""
-        path = self.peer_env(peer_type, peer_id)
-        if conf is None:
-            with self.transaction() as locked_conf:
-                return self.remove(peer_type, peer_id, locked_conf)
-        held = conf.keys_of(peer_type, peer_id)
-        if not held and not path.exists():
-            raise StateError(f"no peer {peer_type} {peer_id} is known to this server")
-        conf.peers = [
-            p for p in conf.peers if (p.peer_type, p.peer_id) != (peer_type, peer_id)
-        ]
-        return len(held)
-
-    def removeconf(self, peer_type: str, peer_id: str, conf=None) -> None:
-        """Unregister every key of a peer and delete its config."""
-        path = self.peer_env(peer_type, peer_id)
-        if conf is None:
-            with self.transaction() as locked_conf:
-                return self.removeconf(peer_type, peer_id, locked_conf)
-        self.remove(peer_type, peer_id, conf)
-        shutil.rmtree(path.parent, ignore_errors=True)
+        return path.read_text()
 
     def entries(self) -> list[PeerEntry]:
         """Every peer config joined with the keys registered for it."""
-        conf = None
-        if self.wg_conf.exists():
-            conf = ServerConf.parse(self.wg_conf.read_text(), str(self.wg_conf))
+        conf = self.load_server_conf()
         result = []
         for peer_type in PEER_TYPES:
             folder = self.peers_dir / peer_type
@@ -309,17 +266,148 @@ class Registry:
                 result.append(PeerEntry(peer_type, peer_dir.name, f"{ip}/32", held))
         return result
 
-    # -- address assignment ------------------------------------------------
+
+class Transaction:
+    """Changes staged under the registry lock, written by `commit`."""
+
+    def __init__(self, registry: Registry, settings: dict[str, str]):
+        self.registry = registry
+        self.settings = settings
+        conf = registry.load_server_conf()
+        self._new_server_key = conf is None
+        self.conf = conf or ServerConf(private_key=keys.generate_private_key())
+        self._before = self.conf.render()
+        self._ops: list[tuple[Path, tuple[str, int] | None]] = []
+        self._highest: dict[str, ipaddress.IPv4Address] = {}
+
+    # -- staged file view ----------------------------------------------------
+
+    def _write(self, path: Path, text: str, mode: int = 0o600) -> None:
+        self._ops.append((path, (text, mode)))
+
+    def _delete_dir(self, path: Path) -> None:
+        self._ops.append((path, None))
+
+    def _read(self, path: Path) -> str | None:
+        """Content of `path` as the staged changes leave it; None if absent."""
+        for target, op in reversed(self._ops):
+            if op is None and path.is_relative_to(target):
+                return None
+            if op is not None and target == path:
+                return op[0]
+        return path.read_text() if path.is_file() else None
+
+    def commit(self) -> None:
+        for path, op in self._ops:
+            if op is None:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                write_atomic(path, *op)
+        after = self.conf.render()
+        if after != self._before or self._new_server_key:
+            write_atomic(self.registry.wg_conf, after)
+            if self.registry.apply and after != self._before:
+                self.registry.apply(self.registry.wg_conf)
+
+    # -- verbs ---------------------------------------------------------------
+
+    def genconf(self, peer_type: str, peer_id: str) -> Path:
+        path = self.registry.peer_env(peer_type, peer_id)
+        if self._read(path) is not None:
+            raise StateError(
+                f"peer {peer_type} {peer_id} has a configuration already ({path}); "
+                f"use it as it is, or remove it first with `removeconf`"
+            )
+        settings = self.settings
+        ip = self._next_ip(peer_type)
+        server_ip = settings["VPN_IP"]
+        prefix = settings["VPN_SUBNET_PREFIX"]
+        text = templates.render(
+            "peer-config.env.j2",
+            peer_type=peer_type,
+            peer_id=peer_id,
+            ip=ip,
+            prefix=prefix,
+            endpoint=f"{settings['VPN_SERVER_PUBLIC_ADDR']}:{settings['VPN_SERVER_PORT']}",
+            allowed_ips=str(ipaddress.ip_network(f"{server_ip}/{prefix}", False)),
+            server_public_key=keys.public_key(self.conf.private_key),
+            psk=keys.generate_psk(),
+            server_ip=server_ip,
+        )
+        # The address is recorded before the config that uses it.
+        self._write(self._last_ip_file(peer_type), f"{ip}\n", 0o644)
+        self._write(path, text)
+        return path
+
+    def add(self, peer_type: str, peer_id: str, public_key: str) -> bool:
+        public_key = keys.check_key(public_key, "public key")
+        path = self.registry.peer_env(peer_type, peer_id)
+        text = self._read(path)
+        if text is None:
+            raise StateError(
+                f"peer {peer_type} {peer_id} was never generated; "
+                f"run `genconf {peer_type} {peer_id}` first"
+            )
+        for peer in self.conf.peers:
+            if peer.public_key != public_key:
+                continue
+            if (peer.peer_type, peer.peer_id) == (peer_type, peer_id):
+                return False
+            raise StateError(
+                f"this public key is registered for {peer.peer_type} {peer.peer_id} "
+                f"already; a key belongs to one peer: remove it there first"
+            )
+        values = envfile.parse(text, str(path))
+        missing = [k for k in ("VPN_IP", "VPN_SERVER_PSK") if not values.get(k)]
+        if missing:
+            raise StateError(
+                f"{path} is incomplete ({', '.join(missing)} missing); recreate it "
+                f"with `removeconf` then `genconf`"
+            )
+        self.conf.peers.append(
+            Peer(
+                peer_type=peer_type,
+                peer_id=peer_id,
+                public_key=public_key,
+                psk=keys.check_key(
+                    values["VPN_SERVER_PSK"],
+                    "preshared key",
+                    fix=f"the peer config {path} is damaged; recreate it with "
+                    f"`removeconf` then `genconf`",
+                ),
+                allowed_ips=f"{values['VPN_IP']}/32",
+            )
+        )
+        return True
+
+    def remove(self, peer_type: str, peer_id: str) -> int:
+        path = self.registry.peer_env(peer_type, peer_id)
+        held = self.conf.keys_of(peer_type, peer_id)
+        if not held and self._read(path) is None:
+            raise StateError(f"no peer {peer_type} {peer_id} is known to this server")
+        self.conf.peers = [
+            p
+            for p in self.conf.peers
+            if (p.peer_type, p.peer_id) != (peer_type, peer_id)
+        ]
+        return len(held)
+
+    def removeconf(self, peer_type: str, peer_id: str) -> None:
+        self.remove(peer_type, peer_id)
+        self._delete_dir(self.registry.peer_env(peer_type, peer_id).parent)
+
+    # -- address assignment ----------------------------------------------------
 
     def _last_ip_file(self, peer_type: str) -> Path:
-        return self.assign_dir / f"last_ip_assign_{peer_type}"
+        return self.registry.assign_dir / f"last_ip_assign_{peer_type}"
 
-    def _next_ip(self, peer_type: str, settings: dict[str, str]) -> str:
+    def _next_ip(self, peer_type: str) -> str:
         key = f"VPN_{peer_type.upper()}_IP_ASSIGN"
-        network = _network(settings[key], key)
+        network = _network(self.settings[key], key)
         last_file = self._last_ip_file(peer_type)
-        if last_file.exists():
-            text = last_file.read_text().strip()
+        text = self._read(last_file)
+        if text is not None:
+            text = text.strip()
             try:
                 last = ipaddress.ip_address(text)
             except ValueError:
@@ -330,22 +418,32 @@ class Registry:
                     f"delete it and the next genconf resumes after the highest "
                     f"address already given to a {peer_type}"
                 )
-        else:
-            last = max(self._assigned(peer_type), default=network.network_address + 1)
+        # Never behind an address in use (a restored backup, a hand edit).
+        last = max(
+            [last] if text is not None else [],
+            default=network.network_address + 1,
+        )
+        last = max(last, self._highest_assigned(peer_type, network))
         candidate = last + 1
         if candidate >= network.broadcast_address:
             raise StateError(
                 f"no address left for {peer_type} peers in {network}; remove unused "
-                f"peers with `removeconf` or widen {key} in {self.config_env}"
+                f"peers with `removeconf` or widen {key} in "
+                f"{self.registry.config_env}"
             )
         return str(candidate)
 
-    def _assigned(self, peer_type: str):
-        folder = self.peers_dir / peer_type
-        for env in folder.glob("*/config.env") if folder.is_dir() else ():
-            ip = envfile.load(env).get("VPN_IP")
-            if ip:
-                yield ipaddress.ip_address(ip)
+    def _highest_assigned(self, peer_type: str, network) -> ipaddress.IPv4Address:
+        """The highest address held by a peer config of that type (read once)."""
+        if peer_type not in self._highest:
+            highest = network.network_address + 1
+            folder = self.registry.peers_dir / peer_type
+            for env in folder.glob("*/config.env") if folder.is_dir() else ():
+                ip = envfile.load(env).get("VPN_IP")
+                if ip and ipaddress.ip_address(ip) in network:
+                    highest = max(highest, ipaddress.ip_address(ip))
+            self._highest[peer_type] = highest
+        return self._highest[peer_type]
 
 
 def _network(text: str, key: str) -> ipaddress.IPv4Network:
@@ -355,7 +453,3 @@ def _network(text: str, key: str) -> ipaddress.IPv4Network:
         raise StateError(
             f"{key}={text!r} is not an IPv4 network such as 10.221.0.0/16"
         ) from None
-
-
-def _endpoint(settings: dict[str, str]) -> str:
-    return f"{settings['VPN_SERVER_PUBLIC_ADDR']}:{settings['VPN_SERVER_PORT']}"

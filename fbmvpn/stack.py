@@ -4,15 +4,17 @@ A `Stack` is one instance of the compose project on one host. Every step is
 idempotent: it looks first, and changes only what differs from the goal.
 """
 
+import hashlib
 import ipaddress
 import re
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from . import envfile, registry, templates
 from .errors import BadInput, EngineError, StateError
-from .settings import Settings
+from .settings import PROJECT_ROOT, Settings
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ class Stack:
             "FBM_INSTANCE": s.instance,
             "FBM_TAG": s.tag,
             "FBM_MOUNTS": str(s.mounts),
+            "FBM_SOURCE_HASH": self.source_hash(),
             **s.identity.env(),
             "BASE_IMAGE": build["base_image"],
             "CUDA_BASE_IMAGE": build["cuda_base_image"],
@@ -184,6 +187,18 @@ class Stack:
     def image_exists(self, name: str) -> bool:
         return self.host.probe(["docker", "image", "inspect", self.image(name)]).ok
 
+    def image_current(self, name: str) -> bool:
+        """True when the image exists and was built from the current sources."""
+        label = '{{index .Config.Labels "org.fedbiomed.vpn.source"}}'
+        probe = self.host.probe(
+            ["docker", "image", "inspect", "-f", label, self.image(name)]
+        )
+        return probe.ok and probe.stdout.strip() == self.source_hash()
+
+    def source_hash(self) -> str:
+        build = self.settings["build"]
+        return source_hash(build["base_image"], build["cuda_base_image"])
+
     # -- build ---------------------------------------------------------------
 
     def build(self, names, force=False, gpu=False, ca_bundle=None) -> list[str]:
@@ -195,8 +210,8 @@ class Stack:
             service = IMAGES[name][0]
             if name == "basenode" and gpu:
                 service = "basenode"
-            if not force and self.image_exists(name):
-                self.say(f"image {self.image(name)} present; skipped")
+            if not force and self.image_current(name):
+                self.say(f"image {self.image(name)} up to date; skipped")
                 continue
             self.say(f"building {self.image(name)} (service {service})")
             result = self.compose("build", service, warn=True)
@@ -264,7 +279,8 @@ class Stack:
 
     def up(self, name: str, gpu: bool = False) -> None:
         comp = component(name)
-        if comp.is_peer and not self.host.exists(self.peer_env_path(name)):
+        configured = self.host.exists(self.peer_env_path(name))
+        if comp.is_peer and not configured and not self.host.dry:
             raise StateError(
                 f"{name} has no VPN config yet ({self.peer_env_path(name)}); "
                 f"run `invoke peer.join {name}` (it generates, copies and starts)"
@@ -361,15 +377,23 @@ class Stack:
             "(the address peers use to reach this machine)"
         )
 
-    def peer_tool(self, *args, stdin=None, hide=True, warn=False):
-        """Run the server's peer tool; a refusal becomes a StateError."""
-        if not self.host.dry and self.state("vpnserver") != "running":
+    def peer_tool(self, *args, stdin=None, hide=True, warn=False, probe=False):
+        """Run the server's peer tool; a refusal becomes a StateError.
+
+        `probe=True` for read-only verbs: no echo, and it runs in a dry run too.
+        """
+        if (probe or not self.host.dry) and self.state("vpnserver") != "running":
             raise StateError(
                 "the vpnserver container is not running; start it with "
                 "`invoke vpnserver.up`"
             )
         result = self.exec(
-            "vpnserver", ["configure_peer", *args], hide=hide, warn=True, stdin=stdin
+            "vpnserver",
+            ["configure_peer", *args],
+            hide=hide,
+            warn=True,
+            stdin=stdin,
+            probe=probe,
         )
         if not result.ok and not warn:
             message = (result.stderr or "").strip()
@@ -400,16 +424,22 @@ class Stack:
         registry.check_peer_id(peer_id)
         ptype = comp.peer_type
 
-        shown = self.peer_tool("show", ptype, peer_id, warn=True)
-        if not self.host.dry and not shown.ok:
+        # In a dry run with no server running, the steps are only printed.
+        dry = self.host.dry
+        planning = dry and self.state("vpnserver") != "running"
+        shown = None
+        if not planning:
+            shown = self.peer_tool("show", ptype, peer_id, warn=True, probe=True)
+        if shown is None or not shown.ok:
             self.peer_tool("genconf", ptype, peer_id, hide=False)
-            shown = self.peer_tool("show", ptype, peer_id)
-            self.say(f"generated VPN config for {ptype} {peer_id}")
+            if not dry:
+                shown = self.peer_tool("show", ptype, peer_id, probe=True)
+                self.say(f"generated VPN config for {ptype} {peer_id}")
         else:
             self.say(f"VPN config for {ptype} {peer_id} exists on the server; reused")
 
         changed = False
-        if shown.stdout is not None:
+        if shown is not None and shown.ok:
             text = shown.stdout if shown.stdout.endswith("\n") else shown.stdout + "\n"
             self.prepare_mounts(name)
             changed = self.host.write_text(self.peer_env_path(name), text, 0o600)
@@ -516,6 +546,24 @@ _HOSTNAME = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
 )
+
+
+@cache
+def source_hash(*build_values: str) -> str:
+    """A digest of what the images are built from (library, templates,
+    Dockerfiles, base images), so that a change means a rebuild."""
+    files = sorted(
+        [
+            *PROJECT_ROOT.glob("fbmvpn/**/*.py"),
+            *PROJECT_ROOT.glob("templates/*"),
+            *PROJECT_ROOT.glob("envs/vpn/docker/*/Dockerfile"),
+        ]
+    )
+    digest = hashlib.sha256("\0".join(build_values).encode())
+    for path in files:
+        digest.update(str(path.relative_to(PROJECT_ROOT)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def check_address(text: str) -> str:

@@ -56,4 +56,3 @@ def component_collection(name: str) -> Collection:
     logs.__doc__ = f"Show the {name} container's log."
 
     return Collection(name, up, down, shell, logs)
-

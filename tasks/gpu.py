@@ -1,7 +1,7 @@
 """`gpu.check`: does this machine meet the prerequisites of a GPU node?
 
-The CUDA version of the node image is `gpu.cuda_version` in the configuration
-(invoke.yaml, INVOKE_GPU_CUDA_VERSION), or `--cuda`.
+The CUDA version of the node image is `fbm.gpu.cuda_version` in the configuration
+(invoke.yaml, INVOKE_FBM_GPU_CUDA_VERSION), or `--cuda`.
 """
 
 from invoke import Collection, Exit, task
@@ -11,7 +11,7 @@ from fbmvpn.errors import FbmVpnError
 
 
 def _configured_cuda(ctx) -> str:
-    section = ctx.config.get("gpu") or {}
+    section = (ctx.config.get("fbm") or {}).get("gpu") or {}
     return section.get("cuda_version") or gpu.DEFAULT_CUDA
 
 
@@ -19,7 +19,7 @@ def _configured_cuda(ctx) -> str:
     help={
         "json": "print the results as JSON (for CI) instead of a table",
         "cuda": "CUDA version of the node image, which sets the minimum driver "
-        f"(default: gpu.cuda_version, else {gpu.DEFAULT_CUDA})",
+        f"(default: fbm.gpu.cuda_version, else {gpu.DEFAULT_CUDA})",
     }
 )
 def check(ctx, json=False, cuda=None):
@@ -44,6 +44,4 @@ def check(ctx, json=False, cuda=None):
         )
 
 
-ns = Collection("gpu")
-ns.add_task(check)
-ns.configure({"gpu": {"cuda_version": gpu.DEFAULT_CUDA}})
+ns = Collection("gpu", check)

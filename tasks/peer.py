@@ -44,7 +44,10 @@ def removeconf(ctx, type, id):
 @task(name="list", help={"json": "print JSON instead of a table"})
 def list_(ctx, json=False):
     """List peers: type, id, address, keys and last handshake."""
-    _tool(ctx, "list", *(["--json"] if json else []))
+    stack = open_stack(ctx)
+    with step("peer list"):
+        result = stack.peer_tool("list", *(["--json"] if json else []), probe=True)
+    say(result.stdout.rstrip("\n"))
 
 
 @task(

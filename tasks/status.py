@@ -36,8 +36,15 @@ def show(ctx, json=False):
             )
             for r in rows
         ]
-        headers = ("component", "state", "vpn ip", "ping server", "ping researcher",
-                   "handshake", "ok")
+        headers = (
+            "component",
+            "state",
+            "vpn ip",
+            "ping server",
+            "ping researcher",
+            "handshake",
+            "ok",
+        )
         say(tabulate(table, headers=headers))
     broken = [r["component"] for r in rows if r["ok"] is False]
     if broken:

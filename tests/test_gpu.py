@@ -17,6 +17,7 @@ from invoke import Config, Context, Exit
 
 from fbmvpn import gpu
 from fbmvpn.errors import BadInput, StateError
+from fbmvpn.settings import DEFAULTS
 from tasks.gpu import check as check_task
 from tasks.gpu import ns as gpu_ns
 
@@ -445,6 +446,8 @@ def test_unrelated_errors_are_not_translated(case):
     [
         ("525.60.13", "525.60.13", True),
         ("525.60.12", "525.60.13", False),
+        ("525.60.9", "525.60.13", False),
+        ("570.26", "570.26.1", False),
         ("525.105.17", "525.60.13", True),
         ("530.30.02", "525.60.13", True),
         ("470.182.03", "525.60.13", False),
@@ -550,7 +553,7 @@ def test_local_runner_reports_a_missing_program(host):
 def task_context(**gpu_config):
     overrides = {"run": {"in_stream": False}}
     if gpu_config:
-        overrides["gpu"] = gpu_config
+        overrides["fbm"] = {"gpu": gpu_config}
     return Context(config=Config(overrides=overrides))
 
 
@@ -588,6 +591,6 @@ def test_task_refuses_an_unknown_cuda_version(host):
         check_task(task_context(), cuda="9.2")
 
 
-def test_collection_declares_the_default_cuda_version():
-    assert gpu_ns.configuration()["gpu"]["cuda_version"] == "12.1.1"
+def test_settings_declare_the_default_cuda_version():
+    assert DEFAULTS["gpu"]["cuda_version"] == gpu.DEFAULT_CUDA == "12.1.1"
     assert sorted(gpu_ns.task_names) == ["check"]

@@ -411,8 +411,8 @@ def test_batch_reports_the_real_line_number_past_blank_lines(server_root):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("list\n", "batch line 1: unsupported verb"),
-        ("show node n1\n", "batch line 1: unsupported verb"),
+        ("list\n", "batch line 1 (list): unsupported verb"),
+        ("show node n1\n", "batch line 1 (show): unsupported verb"),
         ('genconf node "b1\n', "batch line 1"),
         ("genconf --help\n", "batch line 1"),
     ],

@@ -94,8 +94,8 @@ def test_missing_last_ip_file_resumes_after_the_highest_assigned(registry):
 
 
 def test_stale_last_ip_file_never_hands_out_an_assigned_address(registry):
-    """genconf writes the peer config before last_ip_assign_TYPE: a crash
-    between the two leaves the file one address behind."""
+    """A last_ip_assign_TYPE file behind the configs (a restored backup, a hand
+    edit) must not make genconf reuse an address."""
     registry.genconf("node", "n1")
     registry.genconf("node", "n2")
     (registry.root / "ip_assign" / "last_ip_assign_node").write_text("10.221.0.2\n")
@@ -614,10 +614,10 @@ def test_apply_is_called_once_per_changing_transaction(registry, applied):
     registry.add("node", "n1", new_public_key())
     assert applied == [registry.wg_conf]
 
-    with registry.transaction() as conf:
-        registry.add("node", "n1", new_public_key(), conf)
-        registry.add("node", "n2", new_public_key(), conf)
-        registry.genconf("node", "n3", conf)
+    with registry.transaction() as tx:
+        tx.add("node", "n1", new_public_key())
+        tx.add("node", "n2", new_public_key())
+        tx.genconf("node", "n3")
     assert len(applied) == 2
 
     registry.remove("node", "n3")
@@ -647,9 +647,9 @@ def test_failed_transaction_writes_and_applies_nothing(registry, applied):
     registry.genconf("node", "n1")
     before = registry.wg_conf.read_bytes()
 
-    with pytest.raises(StateError), registry.transaction() as conf:
-        registry.add("node", "n1", new_public_key(), conf)
-        registry.add("node", "ghost", new_public_key(), conf)
+    with pytest.raises(StateError), registry.transaction() as tx:
+        tx.add("node", "n1", new_public_key())
+        tx.add("node", "ghost", new_public_key())
 
     assert registry.wg_conf.read_bytes() == before
     assert applied == []
