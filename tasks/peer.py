@@ -1,7 +1,11 @@
 """VPN peers: the server's peer tool, and `join` for a component of this machine."""
 
+import sys
+from pathlib import Path
+
 from invoke import Collection, task
 
+from fbmvpn.errors import BadInput
 from fbmvpn.registry import PEER_TYPES
 
 from ._common import open_stack, say, step
@@ -52,6 +56,23 @@ def list_(ctx, json=False):
 
 @task(
     help={
+        "file": "text file, one verb per line: genconf TYPE ID, add TYPE ID KEY, "
+        "remove TYPE ID, removeconf TYPE ID ('-' reads stdin)"
+    }
+)
+def batch(ctx, file):
+    """Apply many peer changes at once, all or none (one lock, one reload)."""
+    stack = open_stack(ctx)
+    with step("peer batch"):
+        try:
+            text = sys.stdin.read() if file == "-" else Path(file).read_text()
+        except OSError as error:
+            raise BadInput(f"cannot read {file}: {error.strerror}") from None
+        stack.peer_tool("batch", stdin=text, hide=False)
+
+
+@task(
+    help={
         "component": "local component to join: node, node2 or researcher",
         "id": "peer id (default: fbm.peers.<component> in the settings)",
         "gpu": "start the GPU variant of a node",
@@ -70,4 +91,4 @@ def join(ctx, component, id="", gpu=False):
     say(f"{component} joined the VPN as {peer_id}: ping {server_ip} OK")
 
 
-ns = Collection("peer", genconf, add, remove, removeconf, list_, join)
+ns = Collection("peer", genconf, add, remove, removeconf, list_, batch, join)
