@@ -5,12 +5,14 @@ the same code drives this machine (`LocalHost`) and remote ones over SSH.
 Commands are given as argument lists and quoted here, once.
 """
 
-import io
 import shlex
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import EngineError
 from .files import write_atomic
 
 
@@ -37,17 +39,39 @@ class LocalHost:
         return bool(self.ctx.config.run.get("dry", False))
 
     def run(self, argv, *, hide=False, warn=False, echo=None, stdin=None) -> Outcome:
-        """Run a command; `hide=True` makes it a silent probe."""
+        """Run a command; `hide=True` makes it a silent probe.
+
+        `stdin` text is fed through a pipe in one piece (Invoke's own stdin
+        forwarding reads a character at a time, far too slow for bulk input).
+        """
         command = shlex.join(str(arg) for arg in argv)
+        if stdin is not None:
+            return self._run_with_input(command, argv, stdin, hide, warn, echo)
         kwargs = {"hide": hide, "warn": warn, "in_stream": False}
         if echo is not None:
             kwargs["echo"] = echo
-        if stdin is not None:
-            kwargs["in_stream"] = io.StringIO(stdin)
         result = self.ctx.run(command, **kwargs)
         if self.dry:
             return Outcome(True, None, "", 0)
         return Outcome(result.ok, result.stdout, result.stderr, result.exited)
+
+    def _run_with_input(self, command, argv, text, hide, warn, echo) -> Outcome:
+        if echo if echo is not None else self.ctx.config.run.echo:
+            print(f"{command} < (input)", flush=True)
+        if self.dry:
+            return Outcome(True, None, "", 0)
+        done = subprocess.run(
+            [str(arg) for arg in argv], input=text, capture_output=True, text=True
+        )
+        if not hide:
+            sys.stdout.write(done.stdout)
+            sys.stderr.write(done.stderr)
+        if done.returncode and not warn:
+            raise EngineError(
+                f"`{command}` failed (exit {done.returncode}): "
+                f"{done.stderr.strip()[-300:]}"
+            )
+        return Outcome(done.returncode == 0, done.stdout, done.stderr, done.returncode)
 
     def probe(self, argv) -> Outcome:
         """Run a read-only command even in a dry run, without echo."""

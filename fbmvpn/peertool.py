@@ -132,7 +132,8 @@ def _list(registry: Registry, as_json: bool) -> str:
         )
         for r in rows
     ]
-    return tabulate(table, headers=("type", "id", "prefix", "keys", "handshake"))
+    headers = ("type", "id", "prefix", "keys", "handshake")
+    return tabulate(table, headers=headers, disable_numparse=True)
 
 
 def _batch(registry: Registry) -> str:

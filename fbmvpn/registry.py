@@ -252,6 +252,9 @@ class Registry:
     def entries(self) -> list[PeerEntry]:
         """Every peer config joined with the keys registered for it."""
         conf = self.load_server_conf()
+        held: dict[tuple[str, str], list[str]] = {}
+        for peer in conf.peers if conf else ():
+            held.setdefault((peer.peer_type, peer.peer_id), []).append(peer.public_key)
         result = []
         for peer_type in PEER_TYPES:
             folder = self.peers_dir / peer_type
@@ -262,8 +265,10 @@ class Registry:
                 if not env.is_file():
                     continue
                 ip = envfile.load(env).get("VPN_IP", "?")
-                held = conf.keys_of(peer_type, peer_dir.name) if conf else []
-                result.append(PeerEntry(peer_type, peer_dir.name, f"{ip}/32", held))
+                keys_held = held.get((peer_type, peer_dir.name), [])
+                result.append(
+                    PeerEntry(peer_type, peer_dir.name, f"{ip}/32", keys_held)
+                )
         return result
 
 

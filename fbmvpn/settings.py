@@ -45,7 +45,7 @@ DEFAULTS = {
     "researcher": {"host": "127.0.0.1", "jupyter_port": 8888, "tensorboard_port": 6006},
     "gui": {"host": "127.0.0.1", "https_port": 8443, "http_port": 8484},
     "wait_timeout": 90,
-    "gpu": {"cuda_version": "12.1.1"},
+    "gpu": {"cuda_version": "12.1.1", "syntax": "runtime"},
 }
 
 _INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")

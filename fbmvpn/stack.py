@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import envfile, registry, templates
+from . import envfile, gpu, registry, templates
 from .errors import BadInput, EngineError, StateError
 from .settings import PROJECT_ROOT, Settings
 
@@ -119,8 +119,20 @@ class Stack:
             str(self.env_file),
             "-f",
             str(self.compose_file),
+            *self._gpu_override(),
             *args,
         ]
+
+    def _gpu_override(self) -> list[str]:
+        syntax = self.settings["gpu"]["syntax"]
+        if syntax == "runtime":
+            return []
+        if syntax != "devices":
+            raise BadInput(
+                f"fbm.gpu.syntax is {syntax!r}; use 'runtime' (runtime: nvidia) or "
+                f"'devices' (deploy.resources.reservations.devices)"
+            )
+        return ["-f", str(self.settings.compose_dir / "gpu-devices.yml")]
 
     def compose(self, *args, hide=False, warn=False):
         return self.host.run(self.compose_argv(*args), hide=hide, warn=warn)
@@ -140,6 +152,7 @@ class Stack:
             "VPN_SERVER_PORT": str(vpn["port"]),
             "VPN_SERVER_BIND": vpn["bind"],
             "USE_WG_KERNEL_MOD": "true" if vpn["kernel_module"] else "false",
+            "NODE_GPU_RUNTIME": "nvidia" if s["gpu"]["syntax"] == "runtime" else "runc",
             "RESEARCHER_HOST": res["host"],
             "JUPYTER_PORT": str(res["jupyter_port"]),
             "TENSORBOARD_PORT": str(res["tensorboard_port"]),
@@ -285,18 +298,46 @@ class Stack:
                 f"{name} has no VPN config yet ({self.peer_env_path(name)}); "
                 f"run `invoke peer.join {name}` (it generates, copies and starts)"
             )
-        self.write_compose_env()
-        self.prepare_mounts(name)
         service = comp.gpu_service if gpu else name
         if gpu and not service:
             raise BadInput(f"{name} has no GPU variant")
+        if gpu:
+            self.gpu_preflight()
+        self.write_compose_env()
+        self.prepare_mounts(name)
         result = self.compose("up", "-d", "--no-build", service, warn=True)
         if not result.ok:
+            error = (result.stderr or "").strip()
+            advice = gpu.translate_error(error)
+            if advice:
+                raise EngineError(f"starting {service} failed: {advice}")
             raise EngineError(
-                f"starting {service} failed: {(result.stderr or '').strip()[-300:]}; "
-                f"check `invoke build` ran and see `docker logs {self.container(name)}`"
+                f"starting {service} failed: {error[-300:]}; check that "
+                f"`invoke build` ran and see `docker logs {self.container(name)}`"
             )
         self.wait_ready(name)
+
+    def gpu_preflight(self) -> None:
+        """Refuse to start a GPU container when the host cannot run it."""
+        checks = gpu.run_checks(
+            self.gpu_runner(),
+            self.settings["gpu"]["cuda_version"],
+            nvidia_runtime=self.settings["gpu"]["syntax"] == "runtime",
+        )
+        if gpu.failed(checks):
+            raise EngineError(
+                "this host cannot run a GPU node; nothing was started or changed.\n"
+                + gpu.render_table(checks)
+            )
+
+    def gpu_runner(self):
+        """The GPU checks' runner over this stack's host (read-only probes)."""
+
+        def run(argv):
+            outcome = self.host.probe(argv)
+            return outcome.exited, outcome.stdout or "", outcome.stderr or ""
+
+        return run
 
     def down(self, name: str) -> None:
         self.write_compose_env()
@@ -382,11 +423,6 @@ class Stack:
 
         `probe=True` for read-only verbs: no echo, and it runs in a dry run too.
         """
-        if (probe or not self.host.dry) and self.state("vpnserver") != "running":
-            raise StateError(
-                "the vpnserver container is not running; start it with "
-                "`invoke vpnserver.up`"
-            )
         result = self.exec(
             "vpnserver",
             ["configure_peer", *args],
@@ -395,7 +431,14 @@ class Stack:
             stdin=stdin,
             probe=probe,
         )
-        if not result.ok and not warn:
+        if result.ok or (self.host.dry and not probe):
+            return result
+        if self.state("vpnserver") != "running":
+            raise StateError(
+                "the vpnserver container is not running; start it with "
+                "`invoke vpnserver.up`"
+            )
+        if not warn:
             message = (result.stderr or "").strip()
             raise StateError(message.removeprefix("configure_peer: "))
         return result
@@ -504,6 +547,8 @@ class Stack:
                 age = self.handshake_age(name) if up else None
                 row["handshake_age_s"] = None if age is None else round(age)
                 row["ok"] = bool(row["ping_server"])
+                if comp.peer_type == "node" and up:
+                    row["gpu"] = self.exec(name, ["nvidia-smi", "-L"], probe=True).ok
                 if comp.peer_type == "node" and researcher_ip and up:
                     row["ping_researcher"] = self.ping(name, researcher_ip, 1)
                     row["ok"] = row["ok"] and row["ping_researcher"]

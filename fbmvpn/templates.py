@@ -3,13 +3,13 @@
 from functools import cache
 from pathlib import Path
 
-import jinja2
-
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 
 @cache
-def environment() -> jinja2.Environment:
+def environment():
+    import jinja2  # here, not at module level: read-only tools start faster
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,

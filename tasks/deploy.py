@@ -23,6 +23,8 @@ def up(ctx, gpu=False, rebuild=False, public_addr=""):
     server_ip = stack.settings["vpn"]["server_ip"]
     with step("checking Docker"):
         stack.check_engine()
+        if gpu:
+            stack.gpu_preflight()
     with step("building images"):
         stack.build(["vpnserver", "node", "researcher"], force=rebuild, gpu=gpu)
     with step("starting the VPN server"):

@@ -31,6 +31,7 @@ def show(ctx, json=False):
                 r.get("vpn_ip") or "-",
                 _mark(r.get("ping_server")),
                 _mark(r.get("ping_researcher")),
+                {True: "yes", False: "no"}.get(r.get("gpu"), "-"),
                 "-" if r.get("handshake_age_s") is None else f"{r['handshake_age_s']}s",
                 _mark(r["ok"]),
             )
@@ -42,6 +43,7 @@ def show(ctx, json=False):
             "vpn ip",
             "ping server",
             "ping researcher",
+            "gpu",
             "handshake",
             "ok",
         )

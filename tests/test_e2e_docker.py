@@ -265,3 +265,23 @@ def test_dry_run_prints_commands_and_changes_nothing(deployment):
     assert deployment.peer_list() == peers
     state = docker("inspect", "-f", "{{.State.Status}}", deployment.container("node"))
     assert state.stdout.strip() == "running"
+
+
+def test_gpu_node_refused_cleanly_without_a_gpu(deployment):
+    """No NVIDIA GPU here: node.up --gpu must explain and leave the stack alone."""
+    before = docker("inspect", "-f", "{{.Id}}", deployment.container("node")).stdout
+
+    result = deployment.invoke("node.up", "--gpu", check=False)
+
+    assert result.returncode == 1
+    assert "cannot run a GPU node; nothing was started or changed" in result.stderr
+    assert "nvidia driver" in result.stderr.lower()
+    assert "To fix:" in result.stderr
+    after = docker(
+        "inspect", "-f", "{{.Id}} {{.State.Status}}", deployment.container("node")
+    )
+    assert after.stdout.split() == [before.strip(), "running"]
+    status = json.loads(deployment.invoke("status", "--json").stdout)
+    node = {r["component"]: r for r in status}["node"]
+    assert node["ping_server"] is True
+    assert node["gpu"] is False
