@@ -8,6 +8,13 @@ compose=(docker compose --project-name "fbm-vpn-$INSTANCE" --project-directory "
          --env-file "$MOUNTS/compose-$INSTANCE.env" -f "$dir/docker-compose.yml")
 server=fedbiomed-vpn-vpnserver-$INSTANCE
 
+ping_until() {  # container, address: WireGuard retries a handshake every 5 s
+    for _ in $(seq 15); do
+        docker exec "$1" ping -c 1 -W 2 -q "$2" >/dev/null && return 0
+    done
+    echo "no answer from $2 in $1" >&2; return 1
+}
+
 ready() {
     until docker exec "$1" test -f /run/fbm-vpn/ready 2>/dev/null; do sleep 0.5; done
 }
@@ -37,11 +44,11 @@ join() {  # component, peer type, peer id
     ready "$container"
     docker exec "$server" configure_peer add "$2" "$3" \
         "$(docker exec "$container" wg show wg0 public-key)"
-    docker exec "$container" ping -c 3 -W 2 -q 10.220.0.1
+    ping_until "$container" 10.220.0.1
 }
 join researcher researcher researcher1
 join node node node1
 
-docker exec "fedbiomed-vpn-node-$INSTANCE" ping -c 3 -W 2 -q 10.220.0.1
-docker exec "fedbiomed-vpn-researcher-$INSTANCE" ping -c 3 -W 2 -q 10.220.0.1
-docker exec "fedbiomed-vpn-node-$INSTANCE" ping -c 3 -W 2 -q 10.222.0.2
+ping_until "fedbiomed-vpn-node-$INSTANCE" 10.220.0.1
+ping_until "fedbiomed-vpn-researcher-$INSTANCE" 10.220.0.1
+ping_until "fedbiomed-vpn-node-$INSTANCE" 10.222.0.2

@@ -45,6 +45,10 @@ DEFAULTS = {
     "researcher": {"host": "127.0.0.1", "jupyter_port": 8888, "tensorboard_port": 6006},
     "gui": {"host": "127.0.0.1", "https_port": 8443, "http_port": 8484},
     "wait_timeout": 90,
+    # Remote machines (fab): where run files live, and the inventory, a list of
+    # {host: "user@name:port", role: network|node|researcher|gui, id: ..., dir: ...}
+    "remote": {"dir": "fbm-vpn", "accept_new_host": False},
+    "hosts": [],
     "gpu": {"cuda_version": "12.1.1", "syntax": "runtime"},
 }
 

@@ -459,8 +459,14 @@ class Stack:
             raise EngineError(f"{name} has no WireGuard key yet; see `invoke status`")
         return key
 
-    def join(self, name: str, peer_id: str, gpu: bool = False) -> str:
-        """Generate, copy, start, register and check a local component."""
+    def join(self, name: str, peer_id: str, gpu: bool = False, server=None) -> str:
+        """Generate, copy, start, register and check a component of this host.
+
+        `server` is the Stack of the VPN server's host (this one by default):
+        the peer tool runs there, the component here; the config crosses
+        between them in memory, never printed.
+        """
+        server = server or self
         comp = component(name)
         if not comp.is_peer:
             raise BadInput(f"{name} is not a VPN peer")
@@ -469,18 +475,19 @@ class Stack:
 
         # In a dry run with no server running, the steps are only printed.
         dry = self.host.dry
-        planning = dry and self.state("vpnserver") != "running"
+        planning = dry and server.state("vpnserver") != "running"
         shown = None
         if not planning:
-            shown = self.peer_tool("show", ptype, peer_id, warn=True, probe=True)
+            shown = server.peer_tool("show", ptype, peer_id, warn=True, probe=True)
         if shown is None or not shown.ok:
-            self.peer_tool("genconf", ptype, peer_id, hide=False)
-            if not dry:
-                shown = self.peer_tool("show", ptype, peer_id, probe=True)
+            server.peer_tool("genconf", ptype, peer_id, hide=False)
+            if not server.host.dry:
+                shown = server.peer_tool("show", ptype, peer_id, probe=True)
                 self.say(f"generated VPN config for {ptype} {peer_id}")
         else:
             self.say(f"VPN config for {ptype} {peer_id} exists on the server; reused")
 
+        self._check_owner(name, ptype, peer_id)
         changed = False
         if shown is not None and shown.ok:
             text = shown.stdout if shown.stdout.endswith("\n") else shown.stdout + "\n"
@@ -497,9 +504,9 @@ class Stack:
             self.wait_ready(name)
 
         key = self.public_key(name)
-        self.peer_tool("add", ptype, peer_id, key, hide=False)
+        server.peer_tool("add", ptype, peer_id, key, hide=False)
         server_ip = self.settings["vpn"]["server_ip"]
-        if not self.host.dry and not self.ping(name, server_ip):
+        if not self.host.dry and not self.wait_ping(name, server_ip):
             raise EngineError(
                 f"{name} does not reach the VPN server at {server_ip}; check that "
                 f"UDP {self.settings['vpn']['port']} on the server's public address "
@@ -507,11 +514,38 @@ class Stack:
             )
         return key
 
+    def _check_owner(self, name: str, ptype: str, peer_id: str) -> None:
+        """Refuse to overwrite a component's config that belongs to another peer."""
+        path = self.peer_env_path(name)
+        if not self.host.exists(path):
+            return
+        values = envfile.parse(self.host.read_text(path), str(path))
+        owner = (values.get("FBM_PEER_TYPE"), values.get("FBM_PEER_ID"))
+        if owner != (ptype, peer_id) and all(owner):
+            raise StateError(
+                f"{path} on {self.host.name} belongs to {owner[0]} {owner[1]}, not "
+                f"{ptype} {peer_id}; join with that id, or remove it first "
+                f"(`clean {name} --level config`)"
+            )
+
     def ping(self, name: str, target: str, count: int = 3) -> bool:
         if self.host.dry:
             return True
         argv = ["ping", "-c", str(count), "-W", "2", "-q", target]
         return self.exec(name, argv, probe=True).ok
+
+    def wait_ping(self, name: str, target: str, timeout: float = 30) -> bool:
+        """Ping until an answer comes (bounded).
+
+        A peer whose key was just registered answers after its next handshake
+        attempt; WireGuard retries every 5 seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.ping(name, target, count=1):
+                return True
+            if time.monotonic() >= deadline:
+                return False
 
     def vpn_ip(self, name: str) -> str | None:
         path = self.peer_env_path(name)

@@ -15,8 +15,18 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def is_remote(ctx) -> bool:
+    """True when `fab -H HOST` handed the task a Fabric Connection."""
+    return hasattr(ctx, "sftp") and hasattr(ctx, "host")
+
+
 def open_stack(ctx) -> Stack:
-    """The Stack of this machine, with settings from Invoke's configuration."""
+    """The Stack of the machine the task runs on: this one, or `fab -H HOST`."""
+    if is_remote(ctx):
+        from fbmvpn.deploy import remote_stack
+
+        with step(f"connecting to {ctx.host}"):
+            return remote_stack(ctx, ctx.config.fbm, say=say)
     with step("reading settings"):
         return Stack(LocalHost(ctx), Settings.from_config(ctx.config.fbm), say=say)
 

@@ -45,7 +45,7 @@ def up(ctx, gpu=False, rebuild=False, public_addr=""):
     ]
     failed = []
     for name, target in checks:
-        ok = stack.ping(name, target)
+        ok = stack.wait_ping(name, target)
         say(f"ping {name} -> {target}: {'OK' if ok else 'FAIL'}")
         if not ok:
             failed.append(f"{name} -> {target}")
