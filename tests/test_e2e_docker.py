@@ -285,3 +285,30 @@ def test_gpu_node_refused_cleanly_without_a_gpu(deployment):
     node = {r["component"]: r for r in status}["node"]
     assert node["ping_server"] is True
     assert node["gpu"] is False
+
+
+def test_runtime_identity_clash_is_refused(deployment):
+    """A run-time UID that belongs to another account in the image."""
+    image = f"fedbiomed/vpn-researcher:{INSTANCE}"
+    result = docker(
+        "run", "--rm", "-e", "CONTAINER_UID=0", "-e", "CONTAINER_USER=alice",
+        "-e", "CONTAINER_GID=0", "-e", "CONTAINER_GROUP=root", "-e",
+        "FBM_VPN_ROLE=none", image, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "uid 0 belongs to user 'root' in the image, not 'alice'" in result.stdout
+
+
+def test_partial_config_env_is_named_at_start(deployment, tmp_path):
+    """A client whose config.env lacks keys stops with the missing names."""
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.env").write_text("VPN_IP=10.221.0.9\n")
+    result = docker(
+        "run", "--rm", "--cap-add", "NET_ADMIN", "--device", "/dev/net/tun",
+        "-v", f"{config}:/config", f"fedbiomed/vpn-node:{INSTANCE}", check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "is incomplete: VPN_SUBNET_PREFIX, VPN_SERVER_ENDPOINT" in result.stdout
+    assert "invoke peer.join" in result.stdout
+    assert not (config / "wireguard").exists()
