@@ -95,6 +95,7 @@ class Stack:
         self.project = f"fbm-vpn-{settings.instance}"
         self.compose_file = settings.compose_dir / "docker-compose.yml"
         self.env_file = settings.mounts / f"compose-{settings.instance}.env"
+        self._variants: dict[str, str] = {}  # component -> container name
 
     # -- paths and commands --------------------------------------------------
 
@@ -105,7 +106,18 @@ class Stack:
         return f"fedbiomed/vpn-{name}:{self.settings.tag}"
 
     def container(self, name: str) -> str:
-        return f"fedbiomed-vpn-{name}-{self.settings.instance}"
+        """The container of a component: its GPU variant's when that one exists."""
+        plain = f"fedbiomed-vpn-{name}-{self.settings.instance}"
+        gpu_service = COMPONENTS[name].gpu_service if name in COMPONENTS else None
+        if not gpu_service:
+            return plain
+        if name not in self._variants:
+            variant = f"fedbiomed-vpn-{gpu_service}-{self.settings.instance}"
+            probe = self.host.probe(
+                ["docker", "inspect", "--type", "container", variant]
+            )
+            self._variants[name] = variant if probe.ok else plain
+        return self._variants[name]
 
     def compose_argv(self, *args) -> list[str]:
         return [
@@ -305,6 +317,11 @@ class Stack:
             self.gpu_preflight()
         self.write_compose_env()
         self.prepare_mounts(name)
+        other = name if gpu else comp.gpu_service
+        if other and self.container(name).startswith(f"fedbiomed-vpn-{other}-"):
+            self.say(f"replacing the running {other} container by {service}")
+            self.compose("rm", "--stop", "--force", other)
+        self._variants.pop(name, None)
         result = self.compose("up", "-d", "--no-build", service, warn=True)
         if not result.ok:
             error = (result.stderr or "").strip()
@@ -602,6 +619,7 @@ class Stack:
         done = []
         self.write_compose_env()
         self.compose("rm", "--stop", "--force", *comp.services)
+        self._variants.pop(name, None)
         done.append(f"container {self.container(name)}")
         if level in ("config", "image"):
             mounts = self.run_mounts(name)
