@@ -8,10 +8,11 @@ from fabric import Connection
 from invoke import Exit, task
 from tabulate import tabulate
 
+from fbmvpn import transfer
+from fbmvpn.deploy import ROLES, parse_inventory
 from fbmvpn.deploy import deploy as deploy_hosts
-from fbmvpn.deploy import parse_inventory
 
-from ._common import is_remote, say, step
+from ._common import is_remote, open_stack, say, step
 
 
 def _entries(ctx, network, nodes, researcher, gui):
@@ -66,13 +67,21 @@ def deploy(
     def connect(host):
         return Connection(host, config=ctx.config)
 
+    def ship(stack, image):
+        result = transfer.transfer_image(
+            image, transfer.as_target(stack.host), status=stack.say
+        )
+        stack.say(result.summary())
+
     # With --json, stdout carries the JSON alone: progress goes to stderr.
     output = (
         contextlib.redirect_stdout(sys.stderr) if json else contextlib.nullcontext()
     )
     with output, step("deploy"):
+        # This machine is the build machine: images are built here, then shipped.
+        open_stack(ctx).build(sorted({ROLES[e.role] for e in entries}))
         rows = deploy_hosts(
-            connect, fbm, entries, say=say, public_addr=public_addr or None
+            connect, fbm, entries, say=say, public_addr=public_addr or None, ship=ship
         )
     _report(rows, json)
 

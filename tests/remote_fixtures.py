@@ -12,6 +12,7 @@ them); bench/transfer.py calls the functions directly. A missing tool makes the
 fixture fail with what to install, never skip.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -123,14 +124,29 @@ class SshEndpoint(NamedTuple):
         ]
 
     def session_pids(self) -> list[int]:
-        """The sshd processes serving the open connections (children of sshd)."""
-        return _children(int(self.pid_file.read_text()))
+        """The sshd processes serving the open connections (not the listener)."""
+        found, todo = [], _children(int(self.pid_file.read_text()))
+        while todo:
+            pid = todo.pop()
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except FileNotFoundError:
+                continue
+            if name == "sshd":
+                found.append(pid)
+                todo.extend(_children(pid))
+        return found
 
     def kill_sessions(self) -> int:
-        """Kill every open SSH connection (not the listener); how many there were."""
+        """Cut every open SSH connection as a network failure would.
+
+        Only sshd's own processes die; the commands they ran see their input
+        end. Returns how many processes were killed.
+        """
         pids = self.session_pids()
         for pid in pids:
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return len(pids)
 
 

@@ -62,18 +62,6 @@ def fab_env(tmp_path_factory, sshd, node_sshd, node_engine):  # noqa: F811
         )
     env["HOME"] = str(home)
 
-    # Build machine = this one: images built here; the node engine gets its
-    # image through a plain save/load (the transfer has its own tests).
-    run([sys.executable, "-m", "invoke", "build"], env)
-    image = f"fedbiomed/vpn-node:{TAG}"
-    save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["docker", "-H", node_engine.docker_host, "load"],
-        stdin=save.stdout,
-        check=True,
-        capture_output=True,
-    )
-    save.wait()
     yield {"env": env, "work": work}
     for endpoint_engine in (None, node_engine.docker_host):
         prefix = ["docker"] + (["-H", endpoint_engine] if endpoint_engine else [])
@@ -108,7 +96,7 @@ def fab(fab_env, *args, check=True):
     return run([sys.executable, "-m", "fabric", *args], fab_env["env"], check)
 
 
-def test_deploy_across_three_hosts(fab_env, sshd, node_sshd):  # noqa: F811
+def test_deploy_across_three_hosts(fab_env, sshd, node_sshd, node_engine):  # noqa: F811
     hosts = [
         "--network", host_string(sshd),
         "--nodes", host_string(node_sshd),
@@ -117,6 +105,20 @@ def test_deploy_across_three_hosts(fab_env, sshd, node_sshd):  # noqa: F811
 
     first = fab(fab_env, "deploy", *hosts, "--json")
     rows = json.loads(first.stdout)
+
+    # The node image was built here and shipped to the node engine.
+    assert "fedbiomed/vpn-node:rdep" in first.stderr
+    node_image = subprocess.run(
+        ["docker", "-H", node_engine.docker_host, "image", "inspect", "-f", "{{.Id}}",
+         f"fedbiomed/vpn-node:{TAG}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    local_image = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{.Id}}", f"fedbiomed/vpn-node:{TAG}"],
+        capture_output=True,
+        text=True,
+    )
+    assert node_image.stdout == local_image.stdout != ""
 
     by_component = {r["component"]: r for r in rows}
     assert by_component["vpnserver"]["state"] == "running"
@@ -188,3 +190,41 @@ def test_inventory_naming_a_role_twice_is_refused(fab_env, sshd):  # noqa: F811
     )  # fmt: skip
     assert result.returncode == 1
     assert "used by two node hosts" in result.stderr
+
+
+def test_image_push_to_a_host_that_has_it_sends_nothing(fab_env, node_sshd):  # noqa: F811
+    result = fab(
+        fab_env, "-H", host_string(node_sshd), "image.push", "--images", "node"
+    )
+    assert "already there" in result.stdout
+    assert "nothing sent" in result.stdout
+
+
+def test_via_file_bundle_carries_no_keys(fab_env, node_sshd, tmp_path):  # noqa: F811
+    """The manual's two files; key material left in run_mounts stays behind."""
+    mounts = tmp_path / "build-mounts"
+    config = mounts / "node/run_mounts/config"
+    (config / "wireguard").mkdir(parents=True)
+    (config / "config.env").write_text("VPN_SERVER_PSK=secret-of-the-build-machine\n")
+    (config / "wireguard/wg0.conf").write_text("[Interface]\nPrivateKey = x\n")
+    (mounts / "node/run_mounts/data").mkdir()
+    (mounts / "node/run_mounts/data/dataset.csv").write_text("a,b\n1,2\n")
+    env = {**fab_env["env"], "FABRIC_FBM_MOUNTS": str(mounts)}
+    out = tmp_path / "bundle"
+    base = fab_env["work"] / "unpacked"
+
+    result = run(
+        [sys.executable, "-m", "fabric", "-H", host_string(node_sshd), "image.push",
+         "--images", "node", "--via-file", str(out), "--base-dir", str(base)],
+        env,
+    )  # fmt: skip
+
+    assert (out / "vpn-node-image.tar.gz").stat().st_size > 1_000_000
+    assert (out / "vpn-node-files.tar.gz").exists()
+    assert "vpn-node:" + TAG in (base / "docker-compose.yml").read_text()
+    assert (base / "node/run_mounts/data/dataset.csv").read_text() == "a,b\n1,2\n"
+    assert not (base / "node/run_mounts/config/config.env").exists()
+    assert not (base / "node/run_mounts/config/wireguard/wg0.conf").exists()
+    said = result.stdout + result.stderr
+    assert "config.env" in said and "wg0.conf" in said
+    assert "secret-of-the-build-machine" not in said
