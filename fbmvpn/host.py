@@ -63,8 +63,9 @@ class LocalHost:
         done = subprocess.run(
             [str(arg) for arg in argv], input=text, capture_output=True, text=True
         )
-        if not hide:
+        if hide not in (True, "both", "stdout", "out"):
             sys.stdout.write(done.stdout)
+        if hide not in (True, "both", "stderr", "err"):
             sys.stderr.write(done.stderr)
         if done.returncode and not warn:
             raise EngineError(

@@ -28,11 +28,11 @@ def decode_key(text: str, what: str = "key", fix: str = COPY_AGAIN) -> bytes:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raw = b""
-    if len(raw) != KEY_BYTES or len(text) != 44:
+    if len(raw) != KEY_BYTES or len(text) != 44 or raw == bytes(KEY_BYTES):
         # The value itself is never echoed: it may be a mistyped private key.
         raise BadInput(
-            f"{what} is not a WireGuard key: got {len(text)} characters, expected "
-            f"44 characters of base64 encoding 32 bytes; {fix}"
+            f"{what} is not a WireGuard key (44 characters of standard base64 "
+            f"encoding 32 bytes, not all zero; got {len(text)} characters); {fix}"
         )
     return raw
 

@@ -333,7 +333,7 @@ class Transaction:
             peer_id=peer_id,
             ip=ip,
             prefix=prefix,
-            endpoint=f"{settings['VPN_SERVER_PUBLIC_ADDR']}:{settings['VPN_SERVER_PORT']}",
+            endpoint=_endpoint(settings),
             allowed_ips=str(ipaddress.ip_network(f"{server_ip}/{prefix}", False)),
             server_public_key=keys.public_key(self.conf.private_key),
             psk=keys.generate_psk(),
@@ -346,6 +346,11 @@ class Transaction:
 
     def add(self, peer_type: str, peer_id: str, public_key: str) -> bool:
         public_key = keys.check_key(public_key, "public key")
+        if public_key == keys.public_key(self.conf.private_key):
+            raise BadInput(
+                "that is the VPN server's own public key; give the key of the peer "
+                "(`wg show wg0 public-key` in the peer's container)"
+            )
         path = self.registry.peer_env(peer_type, peer_id)
         text = self._read(path)
         if text is None:
@@ -458,3 +463,11 @@ def _network(text: str, key: str) -> ipaddress.IPv4Network:
         raise StateError(
             f"{key}={text!r} is not an IPv4 network such as 10.221.0.0/16"
         ) from None
+
+
+def _endpoint(settings: dict[str, str]) -> str:
+    """host:port as WireGuard reads it ([addr]:port for an IPv6 address)."""
+    addr = settings["VPN_SERVER_PUBLIC_ADDR"]
+    if ":" in addr:
+        addr = f"[{addr}]"
+    return f"{addr}:{settings['VPN_SERVER_PORT']}"

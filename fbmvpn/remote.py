@@ -99,7 +99,7 @@ class RemoteHost:
             code = channel.recv_exit_status()
         finally:
             channel.close()
-        if not hide:
+        if hide not in (True, "both", "stdout", "out"):
             print(out, end="", flush=True)
         if code and not warn:
             raise EngineError(f"`{command}` failed on {self.name} (exit {code}): {err}")

@@ -24,7 +24,9 @@ DEFAULTS = {
     "mounts": "",
     "identity": {"uid": None, "gid": None, "user": None, "group": None},
     "build": {
-        "base_image": "debian:bookworm-slim",
+        # auto: debian:bookworm-slim if present here, else the local image that
+        # `invoke build.base-os` makes, else debian:bookworm-slim (pulled)
+        "base_image": "auto",
         "cuda_base_image": "nvidia/cuda:12.1.1-runtime-ubuntu22.04",
         "ca_bundle": "",
     },
@@ -104,8 +106,11 @@ class Settings:
         if not _INSTANCE.match(instance):
             raise BadInput(
                 f"instance id {instance!r} is not allowed; use up to 31 lowercase "
-                f"letters, digits, '-' or '_'"
+                f"letters, digits, '-' or '_', starting with a letter or digit"
             )
+        for key, value in _ports(raw):
+            if not str(value).isdigit() or not 0 < int(value) < 65536:
+                raise BadInput(f"{key}={value!r} is not a port number (1 to 65535)")
         compose_dir = PROJECT_ROOT / raw["compose_dir"]
         mounts = Path(raw["mounts"]).expanduser() if raw["mounts"] else compose_dir
         ident = raw["identity"]
@@ -127,6 +132,14 @@ class Settings:
 
     def __getitem__(self, key):
         return self.raw[key]
+
+
+def _ports(raw: dict):
+    yield "fbm.vpn.port", raw["vpn"]["port"]
+    for section in ("researcher", "gui"):
+        for key, value in raw[section].items():
+            if key.endswith("_port"):
+                yield f"fbm.{section}.{key}", value
 
 
 def _plain(value):

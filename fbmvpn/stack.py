@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from . import envfile, gpu, registry, templates
+from . import envfile, registry, templates
+from . import gpu as gpu_checks
 from .errors import BadInput, EngineError, StateError
 from .settings import PROJECT_ROOT, Settings
 
@@ -54,6 +55,8 @@ IMAGES = {
     "researcher": ("researcher", "base"),
     "gui": ("gui", "base"),
 }
+OFFICIAL_BASE = "debian:bookworm-slim"
+LOCAL_BASE = "fbm-local/debian:bookworm"  # made by `invoke build.base-os`
 SERVER_IP_DEFAULT = "10.220.0.1"
 RESEARCHER_IP = "10.222.0.2"
 
@@ -96,6 +99,7 @@ class Stack:
         self.compose_file = settings.compose_dir / "docker-compose.yml"
         self.env_file = settings.mounts / f"compose-{settings.instance}.env"
         self._variants: dict[str, str] = {}  # component -> container name
+        self._base: str | None = None
 
     # -- paths and commands --------------------------------------------------
 
@@ -159,7 +163,7 @@ class Stack:
             "FBM_MOUNTS": str(s.mounts),
             "FBM_SOURCE_HASH": self.source_hash(),
             **s.identity.env(),
-            "BASE_IMAGE": build["base_image"],
+            "BASE_IMAGE": self.base_image(),
             "CUDA_BASE_IMAGE": build["cuda_base_image"],
             "VPN_SERVER_PORT": str(vpn["port"]),
             "VPN_SERVER_BIND": vpn["bind"],
@@ -221,8 +225,22 @@ class Stack:
         return probe.ok and probe.stdout.strip() == self.source_hash()
 
     def source_hash(self) -> str:
-        build = self.settings["build"]
-        return source_hash(build["base_image"], build["cuda_base_image"])
+        return source_hash(self.base_image(), self.settings["build"]["cuda_base_image"])
+
+    def base_image(self) -> str:
+        """The base OS image; `auto` prefers what this engine already holds:
+        the official image, else the one `build.base-os` made, else the
+        official one (pulled)."""
+        chosen = self.settings["build"]["base_image"]
+        if chosen != "auto":
+            return chosen
+        if self._base is None:
+            self._base = OFFICIAL_BASE
+            for candidate in (OFFICIAL_BASE, LOCAL_BASE):
+                if self.host.probe(["docker", "image", "inspect", candidate]).ok:
+                    self._base = candidate
+                    break
+        return self._base
 
     # -- build ---------------------------------------------------------------
 
@@ -325,26 +343,34 @@ class Stack:
         result = self.compose("up", "-d", "--no-build", service, warn=True)
         if not result.ok:
             error = (result.stderr or "").strip()
-            advice = gpu.translate_error(error)
+            advice = gpu_checks.translate_error(error)
             if advice:
                 raise EngineError(f"starting {service} failed: {advice}")
-            raise EngineError(
-                f"starting {service} failed: {error[-300:]}; check that "
-                f"`invoke build` ran and see `docker logs {self.container(name)}`"
-            )
+            hint = f"see `docker logs {self.container(name)}`"
+            if (
+                "port is already allocated" in error
+                or "address already in use" in error
+            ):
+                hint = (
+                    "another program holds that port; stop it or choose other ports "
+                    "(fbm.vpn.port, fbm.researcher.*_port, fbm.gui.*_port)"
+                )
+            elif "No such image" in error:
+                hint = "build it first: `invoke build`"
+            raise EngineError(f"starting {service} failed: {error[-300:]}; {hint}")
         self.wait_ready(name)
 
     def gpu_preflight(self) -> None:
         """Refuse to start a GPU container when the host cannot run it."""
-        checks = gpu.run_checks(
+        checks = gpu_checks.run_checks(
             self.gpu_runner(),
             self.settings["gpu"]["cuda_version"],
             nvidia_runtime=self.settings["gpu"]["syntax"] == "runtime",
         )
-        if gpu.failed(checks):
+        if gpu_checks.failed(checks):
             raise EngineError(
                 "this host cannot run a GPU node; nothing was started or changed.\n"
-                + gpu.render_table(checks)
+                + gpu_checks.render_table(checks)
             )
 
     def gpu_runner(self):
@@ -399,6 +425,8 @@ class Stack:
     def vpnserver_init(self, public_addr: str | None = None, force=False) -> bool:
         """Write the server's config.env; False when it exists and stays."""
         path = self.server_config()
+        if public_addr:
+            check_address(public_addr)
         if self.host.exists(path) and not force:
             self.say(f"{path} exists; kept (use --force to rewrite it)")
             return False
@@ -443,7 +471,7 @@ class Stack:
         result = self.exec(
             "vpnserver",
             ["configure_peer", *args],
-            hide=hide,
+            hide=hide or "stderr",  # a refusal is raised below, not printed twice
             warn=True,
             stdin=stdin,
             probe=probe,
@@ -613,14 +641,15 @@ class Stack:
     def clean(self, name: str, level: str, datasets: bool = False) -> list[str]:
         """Remove a component's container, then config, then image; say what."""
         comp = component(name)
-        levels = ("container", "config", "image")
-        if level not in levels:
-            raise BadInput(f"unknown level {level!r}; use one of: {', '.join(levels)}")
+        check_level(level)
         done = []
         self.write_compose_env()
+        container = self.container(name)
+        existed = self.state(name) != "absent"
         self.compose("rm", "--stop", "--force", *comp.services)
         self._variants.pop(name, None)
-        done.append(f"container {self.container(name)}")
+        if existed:
+            done.append(f"container {container}")
         if level in ("config", "image"):
             mounts = self.run_mounts(name)
             for sub in comp.mounts:
@@ -663,12 +692,27 @@ def source_hash(*build_values: str) -> str:
     return digest.hexdigest()[:16]
 
 
+CLEAN_LEVELS = ("container", "config", "image")
+
+
+def check_level(level: str) -> str:
+    if level not in CLEAN_LEVELS:
+        raise BadInput(
+            f"unknown level {level!r}; use one of: {', '.join(CLEAN_LEVELS)}"
+        )
+    return level
+
+
 def check_address(text: str) -> str:
     """Accept an IP address or a DNS name for the server's public address."""
     try:
-        ipaddress.ip_address(text)
+        if ipaddress.ip_address(text).is_unspecified:
+            raise BadInput(
+                f"{text} means 'any address' and cannot be reached; give the address "
+                f"peers use to reach the VPN server, e.g. --public-addr 203.0.113.7"
+            )
     except ValueError:
-        if not _HOSTNAME.match(text or ""):
+        if not _HOSTNAME.match(text or "") or text.rsplit(".", 1)[-1].isdigit():
             raise BadInput(
                 f"{text!r} is neither an IP address nor a host name; give the "
                 f"address peers use to reach the VPN server, e.g. "

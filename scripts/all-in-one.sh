@@ -3,18 +3,20 @@
 #
 # Sets the machine up (scripts/setup.sh), then runs `invoke up`. Without the
 # official Debian image on this machine it builds on a local one made with
-# debootstrap (no registry needed); set FBM_PULL_BASE=1 to pull the official
-# image instead. Extra arguments go to `invoke up` (e.g. --public-addr ADDR).
+# debootstrap (no registry needed), which later `invoke` runs keep using; set
+# FBM_PULL_BASE=1 to pull the official image instead. Extra arguments go to
+# `invoke up` (e.g. --public-addr ADDR).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-base_image=${INVOKE_FBM_BUILD_BASE_IMAGE:-debian:bookworm-slim}
-if [ "${FBM_PULL_BASE:-0}" != 1 ] && ! docker image inspect "$base_image" \
-        >/dev/null 2>&1 && [ "$base_image" = debian:bookworm-slim ]; then
+# The default base image (`auto`) takes debian:bookworm-slim when this engine
+# has it, else the local image build.base-os makes; make that one unless told
+# to pull the official image.
+if [ "${FBM_PULL_BASE:-0}" != 1 ] && [ -z "${INVOKE_FBM_BUILD_BASE_IMAGE:-}" ] \
+        && ! docker image inspect debian:bookworm-slim >/dev/null 2>&1; then
     bash scripts/setup.sh --base-os
     .venv/bin/invoke build.base-os
-    export INVOKE_FBM_BUILD_BASE_IMAGE=fbm-local/debian:bookworm
 else
     bash scripts/setup.sh
 fi

@@ -4,7 +4,9 @@ Built by one factory so the four namespaces behave alike; each gets its own
 task objects (none is shared between namespaces).
 """
 
-from invoke import Collection, task
+import sys
+
+from invoke import Collection, Exit, task
 
 from fbmvpn.stack import component
 
@@ -40,6 +42,11 @@ def component_collection(name: str) -> Collection:
 
     @task(help={"root": "open the shell as root instead of the run-time account"})
     def shell(ctx, root=False):
+        if not sys.stdin.isatty():
+            raise Exit(
+                f"{name}.shell is interactive and needs a terminal; for one command "
+                f"use `docker exec {name_hint(name)} COMMAND`"
+            )
         stack = open_stack(ctx)
         user = [] if root else ["-u", str(stack.settings.identity.uid)]
         argv = ["docker", "exec", "-it", *user, stack.container(name), "bash"]
@@ -56,3 +63,7 @@ def component_collection(name: str) -> Collection:
     logs.__doc__ = f"Show the {name} container's log."
 
     return Collection(name, up, down, shell, logs)
+
+
+def name_hint(name: str) -> str:
+    return f"fedbiomed-vpn-{name}-<instance>"

@@ -2,7 +2,8 @@
 
 from invoke import Collection, task
 
-from fbmvpn.stack import COMPONENTS
+from fbmvpn.stack import COMPONENTS, check_level
+from fbmvpn.stack import component as get_component
 
 from ._common import confirm, open_stack, say, step
 
@@ -25,6 +26,10 @@ def component(ctx, component, level="container", datasets=False, yes=False):
     """
     stack = open_stack(ctx)
     names = list(COMPONENTS) if component == "all" else [component]
+    with step("clean"):  # refuse bad arguments before asking anything
+        check_level(level)
+        for name in names:
+            get_component(name)
     what = f"{level} level of {', '.join(names)}"
     if datasets:
         what += " INCLUDING the node datasets"
@@ -32,7 +37,10 @@ def component(ctx, component, level="container", datasets=False, yes=False):
     for name in names:
         with step(f"clean {name}"):
             done = stack.clean(name, level, datasets=datasets)
-        say(f"{name}: removed {'; '.join(done)}")
+        say(f"{name}: removed {'; '.join(done) or 'nothing (none was there)'}")
+    if component == "all":
+        with step("clean networks"):
+            stack.compose("down", "--remove-orphans")
 
 
 ns = Collection("clean", component)

@@ -1,6 +1,8 @@
 """The VPN server: settings, start, stop."""
 
-from invoke import Collection, task
+import sys
+
+from invoke import Collection, Exit, task
 
 from ._common import open_stack, say, step
 
@@ -41,6 +43,8 @@ def down(ctx):
 @task
 def shell(ctx):
     """Open a root shell in the VPN server container."""
+    if not sys.stdin.isatty():
+        raise Exit("vpnserver.shell is interactive and needs a terminal")
     stack = open_stack(ctx)
     ctx.run(f"docker exec -it {stack.container('vpnserver')} bash", pty=True)
 

@@ -87,11 +87,13 @@ def deployment(tmp_path_factory):
         f"no Docker engine: {info.stderr}; run scripts/setup.sh"
     )
     dep = Deployment(tmp_path_factory.mktemp("mounts"))
-    first = dep.invoke("up")
-    dep.first_output = first.stdout
-    yield dep
-    dep.invoke("clean", "all", "--level", "config", "--yes", check=False)
-    docker("network", "prune", "--force", check=False)
+    try:
+        first = dep.invoke("up")
+        dep.first_output = first.stdout
+        yield dep
+    finally:
+        # containers, configs and this instance's networks; nothing else
+        dep.invoke("clean", "all", "--level", "config", "--yes", check=False)
 
 
 def test_up_reports_three_pings(deployment):
