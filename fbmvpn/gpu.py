@@ -20,8 +20,6 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from tabulate import tabulate
-
 from .errors import BadInput, StateError
 
 log = logging.getLogger(__name__)
@@ -481,6 +479,8 @@ def failed(checks: list[Check]) -> list[Check]:
 def render_table(checks: list[Check]) -> str:
     """A pass/fail table, then one line per fix so commands copy whole."""
     rows = [(c.name, "ok" if c.ok else "FAIL", c.detail) for c in checks]
+    from tabulate import tabulate  # here: importing it slows every task start
+
     text = tabulate(
         rows,
         headers=("check", "result", "detail"),

@@ -13,7 +13,6 @@ from functools import cache
 from pathlib import Path
 
 from . import envfile, registry, templates
-from . import gpu as gpu_checks
 from .errors import BadInput, EngineError, StateError
 from .settings import PROJECT_ROOT, Settings
 
@@ -343,6 +342,8 @@ class Stack:
         result = self.compose("up", "-d", "--no-build", service, warn=True)
         if not result.ok:
             error = (result.stderr or "").strip()
+            from . import gpu as gpu_checks  # loaded only on this path
+
             advice = gpu_checks.translate_error(error)
             if advice:
                 raise EngineError(f"starting {service} failed: {advice}")
@@ -362,6 +363,8 @@ class Stack:
 
     def gpu_preflight(self) -> None:
         """Refuse to start a GPU container when the host cannot run it."""
+        from . import gpu as gpu_checks
+
         checks = gpu_checks.run_checks(
             self.gpu_runner(),
             self.settings["gpu"]["cuda_version"],

@@ -6,17 +6,19 @@ invoke image.push --to admin@node1 --via-file DIR     the manual's two files
 
 from pathlib import Path
 
-from fabric import Connection
 from invoke import Collection, Exit, task
 
-from fbmvpn import templates, transfer
-from fbmvpn.deploy import secure
+from fbmvpn import templates
 from fbmvpn.settings import Settings
 
 from ._common import is_remote, say, step
 
 
 def _target(ctx, to: str):
+    from fabric import Connection  # SSH libraries load only when used
+
+    from fbmvpn.deploy import secure
+
     if is_remote(ctx):
         conn = ctx
     elif to:
@@ -28,7 +30,7 @@ def _target(ctx, to: str):
 
 def node_compose_file(settings: Settings, folder: Path) -> Path:
     """Render the node-only compose file (the manual's docker-compose_run_node.yml)."""
-    path = Path(folder) / transfer.NODE_COMPOSE_NAME
+    path = Path(folder) / "docker-compose_run_node.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         templates.render(
@@ -58,6 +60,8 @@ def push(ctx, images="node", to="", via_file="", base_dir="fbm-vpn", full=False)
     transfer leaves no partial image there; run the same command again.
     With --via-file the run files never carry keys (wg0.conf, config.env).
     """
+    from fbmvpn import transfer
+
     target = _target(ctx, to)
     settings = Settings.from_config(ctx.config.fbm)
     for name in [n.strip() for n in images.split(",") if n.strip()]:

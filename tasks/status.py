@@ -3,7 +3,6 @@
 import json as jsonlib
 
 from invoke import Collection, Exit, task
-from tabulate import tabulate
 
 from ._common import open_stack, say, step
 
@@ -24,6 +23,8 @@ def show(ctx, json=False):
     if json:
         say(jsonlib.dumps(rows, indent=2))
     else:
+        from tabulate import tabulate
+
         table = [
             (
                 r["component"],
