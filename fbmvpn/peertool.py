@@ -76,8 +76,18 @@ MUTATING = ("genconf", "add", "remove", "removeconf")
 def apply_verb(tx, args) -> str:
     """Stage one changing verb in a transaction; return what it prints."""
     if args.verb == "genconf":
-        path = tx.genconf(args.type, args.id)
-        return f"generated {args.type} {args.id}: {path}"
+        path = tx.registry.peer_env(args.type, args.id)
+        if getattr(args, "reuse", False) and tx.read(path) is not None:
+            message = f"{args.type} {args.id} exists; reused"
+        else:
+            path = tx.genconf(args.type, args.id)
+            message = f"generated {args.type} {args.id}: {path}"
+        if getattr(args, "print", False):
+            # The config (a secret) goes to stdout for the caller to capture;
+            # what happened goes to stderr.
+            print(message, file=sys.stderr)
+            return tx.read(path).rstrip("\n")
+        return message
     if args.verb == "add":
         added = tx.add(args.type, args.id, args.pubkey)
         state = "registered" if added else "was already registered"
@@ -186,6 +196,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("id", help="peer id, e.g. NODETAG")
         if verb == "add":
             sub.add_argument("pubkey", help="the peer's WireGuard public key")
+        if verb == "genconf":
+            sub.add_argument(
+                "--reuse", action="store_true", help="keep an existing config"
+            )
+            sub.add_argument(
+                "--print",
+                action="store_true",
+                help="print the config (a secret) instead of a message",
+            )
     listing = verbs.add_parser("list", help="list peers, keys and last handshakes")
     listing.add_argument("--json", action="store_true", help="print JSON")
     verbs.add_parser("pubkey", help="print the server's public key")

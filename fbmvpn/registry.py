@@ -293,7 +293,7 @@ class Transaction:
     def _delete_dir(self, path: Path) -> None:
         self._ops.append((path, None))
 
-    def _read(self, path: Path) -> str | None:
+    def read(self, path: Path) -> str | None:
         """Content of `path` as the staged changes leave it; None if absent."""
         for target, op in reversed(self._ops):
             if op is None and path.is_relative_to(target):
@@ -318,7 +318,7 @@ class Transaction:
 
     def genconf(self, peer_type: str, peer_id: str) -> Path:
         path = self.registry.peer_env(peer_type, peer_id)
-        if self._read(path) is not None:
+        if self.read(path) is not None:
             raise StateError(
                 f"peer {peer_type} {peer_id} has a configuration already ({path}); "
                 f"use it as it is, or remove it first with `removeconf`"
@@ -352,7 +352,7 @@ class Transaction:
                 "(`wg show wg0 public-key` in the peer's container)"
             )
         path = self.registry.peer_env(peer_type, peer_id)
-        text = self._read(path)
+        text = self.read(path)
         if text is None:
             raise StateError(
                 f"peer {peer_type} {peer_id} was never generated; "
@@ -393,7 +393,7 @@ class Transaction:
     def remove(self, peer_type: str, peer_id: str) -> int:
         path = self.registry.peer_env(peer_type, peer_id)
         held = self.conf.keys_of(peer_type, peer_id)
-        if not held and self._read(path) is None:
+        if not held and self.read(path) is None:
             raise StateError(f"no peer {peer_type} {peer_id} is known to this server")
         self.conf.peers = [
             p
@@ -415,7 +415,7 @@ class Transaction:
         key = f"VPN_{peer_type.upper()}_IP_ASSIGN"
         network = _network(self.settings[key], key)
         last_file = self._last_ip_file(peer_type)
-        text = self._read(last_file)
+        text = self.read(last_file)
         if text is not None:
             text = text.strip()
             try:

@@ -6,6 +6,7 @@ idempotent: it looks first, and changes only what differs from the goal.
 
 import hashlib
 import ipaddress
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -215,13 +216,19 @@ class Stack:
     def image_exists(self, name: str) -> bool:
         return self.host.probe(["docker", "image", "inspect", self.image(name)]).ok
 
-    def image_current(self, name: str) -> bool:
-        """True when the image exists and was built from the current sources."""
-        label = '{{index .Config.Labels "org.fedbiomed.vpn.source"}}'
-        probe = self.host.probe(
-            ["docker", "image", "inspect", "-f", label, self.image(name)]
-        )
-        return probe.ok and probe.stdout.strip() == self.source_hash()
+    def current_images(self, names) -> set[str]:
+        """Those of `names` whose image exists, built from the current sources
+        (one `docker image inspect` for all)."""
+        label = '{{json .RepoTags}} {{index .Config.Labels "org.fedbiomed.vpn.source"}}'
+        refs = {self.image(name): name for name in names}
+        probe = self.host.probe(["docker", "image", "inspect", "-f", label, *refs])
+        current = set()
+        for line in (probe.stdout or "").splitlines():
+            tags, _, digest = line.rpartition(" ")
+            if digest != self.source_hash():
+                continue
+            current.update(refs[tag] for tag in json.loads(tags or "[]") if tag in refs)
+        return current
 
     def source_hash(self) -> str:
         return source_hash(self.base_image(), self.settings["build"]["cuda_base_image"])
@@ -248,11 +255,13 @@ class Stack:
         self.write_compose_env()
         self._stage_ca_bundle(ca_bundle)
         built = []
-        for name in image_order(names):
+        order = image_order(names)
+        current = set() if force else self.current_images(order)
+        for name in order:
             service = IMAGES[name][0]
             if name == "basenode" and gpu:
                 service = "basenode"
-            if not force and self.image_current(name):
+            if name in current:
                 self.say(f"image {self.image(name)} up to date; skipped")
                 continue
             self.say(f"building {self.image(name)} (service {service})")
@@ -500,7 +509,6 @@ class Stack:
         """The live WireGuard public key of a component (never empty)."""
         if self.host.dry:
             return f"<public key of {name}>"
-        self.wait_ready(name)
         result = self.exec(name, ["wg", "show", "wg0", "public-key"], probe=True)
         key = (result.stdout or "").strip()
         if not result.ok or not key or key == "(none)":
@@ -521,30 +529,23 @@ class Stack:
         registry.check_peer_id(peer_id)
         ptype = comp.peer_type
 
-        # In a dry run with no server running, the steps are only printed.
-        dry = self.host.dry
-        planning = dry and server.state("vpnserver") != "running"
-        shown = None
-        if not planning:
-            shown = server.peer_tool("show", ptype, peer_id, warn=True, probe=True)
-        if shown is None or not shown.ok:
-            server.peer_tool("genconf", ptype, peer_id, hide=False)
-            if not server.host.dry:
-                shown = server.peer_tool("show", ptype, peer_id, probe=True)
-                self.say(f"generated VPN config for {ptype} {peer_id}")
-        else:
-            self.say(f"VPN config for {ptype} {peer_id} exists on the server; reused")
+        # One call generates the config when missing and hands it over.
+        shown = server.peer_tool(
+            "genconf", ptype, peer_id, "--reuse", "--print", hide=True
+        )
+        if shown.stdout is not None:
+            self.say((shown.stderr or "").strip() or f"config of {ptype} {peer_id}")
 
         self._check_owner(name, ptype, peer_id)
         changed = False
-        if shown is not None and shown.ok:
+        if shown.stdout is not None:
             text = shown.stdout if shown.stdout.endswith("\n") else shown.stdout + "\n"
             self.prepare_mounts(name)
             changed = self.host.write_text(self.peer_env_path(name), text, 0o600)
             if changed:
                 self.say(f"copied the config into {self.peer_env_path(name)}")
 
-        was_running = self.state(name) == "running"
+        was_running = changed and self.state(name) == "running"
         self.up(name, gpu=gpu)
         if changed and was_running:
             self.say(f"restarting {name} to load its new VPN config")
