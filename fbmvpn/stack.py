@@ -57,7 +57,6 @@ IMAGES = {
 }
 OFFICIAL_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "fbm-local/debian:bookworm"  # made by `invoke build.base-os`
-SERVER_IP_DEFAULT = "10.220.0.1"
 RESEARCHER_IP = "10.222.0.2"
 
 
@@ -212,9 +211,6 @@ class Stack:
             f"plugin: `sudo apt-get install docker-compose-plugin` or see "
             f"https://docs.docker.com/compose/install/linux/"
         )
-
-    def image_exists(self, name: str) -> bool:
-        return self.host.probe(["docker", "image", "inspect", self.image(name)]).ok
 
     def current_images(self, names) -> set[str]:
         """Those of `names` whose image exists, built from the current sources
