@@ -10,7 +10,8 @@ Runs as root at container start:
 3. marks the container ready, then waits; on SIGTERM it takes wg0 down and
    exits 0 (the state on disk is always current, nothing is lost).
 
-FBM_VPN_ROLE selects `server`, `client` or `none` (no VPN, e.g. the GUI).
+FBM_VPN_ROLE selects `server`, `client`, `gui` (no VPN; nginx and Fed-BioMed's
+GUI, see fbmvpn.gui) or `none` (no VPN).
 """
 
 import grp
@@ -24,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import envfile, keys, templates
+from . import envfile, gui, keys, templates
 from .errors import FbmVpnError, StateError
 from .files import write_atomic
 from .registry import Registry
@@ -248,7 +249,7 @@ def main(argv: list[str]) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, lambda *_: stopping.append(True))
-    process = watchdog = None
+    process = watchdog = service = None
     try:
         identity_from_env()
         if role == "server":
@@ -257,6 +258,8 @@ def main(argv: list[str]) -> int:
             address, conf, server_ip = client_setup()
             process = interface_up(address, conf)
             watchdog = Watchdog(server_ip)
+        elif role == "gui":
+            service = gui.Service.start()
     except (FbmVpnError, subprocess.CalledProcessError, KeyError, ValueError) as error:
         log(f"cannot start: {error}")
         interface_down(process)
@@ -271,6 +274,10 @@ def main(argv: list[str]) -> int:
             return 1
         if watchdog:
             watchdog.tick()
+        if service and not service.tick():
+            log("nginx stopped; exiting so the container restarts")
+            service.stop()
+            return 1
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
@@ -279,6 +286,8 @@ def main(argv: list[str]) -> int:
         time.sleep(0.5)
     log("stopping")
     READY.unlink(missing_ok=True)
+    if service:
+        service.stop()
     interface_down(process)
     return 0
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 
+from . import gui
 from .errors import BadInput, EngineError, FbmVpnError
 from .remote import RemoteHost
 from .settings import PROJECT_ROOT, Identity, Settings
@@ -161,7 +162,7 @@ def deploy(connect, fbm, entries, say=print, public_addr=None, ship=None) -> lis
 
     def join(entry):
         if entry.role == "gui":
-            _step(entry, "starting the GUI", lambda: stacks[entry].up("gui"))
+            _step(entry, "starting the GUI", lambda: gui.up(stacks[entry]))
         elif entry.role != "network":
             _step(
                 entry,

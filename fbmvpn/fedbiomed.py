@@ -13,6 +13,7 @@ Inside a node, the Fed-BioMed component lives in /fbm/node and datasets under
 
 import ast
 import configparser
+import ipaddress
 import json
 import logging
 import posixpath
@@ -39,6 +40,11 @@ RESEARCHER_PORT = 50051
 JUPYTER_PORT = 8888
 JUPYTER_TOKEN_FILE = f"{RESEARCHER_ROOT}/.jupyter-token"
 JUPYTER_LOG = f"{RESEARCHER_ROOT}/jupyter.log"
+TENSORBOARD_PORT = 6006
+# Fed-BioMed 6.x writes each experiment's tensorboard files under
+# <component>/var/experiments/<experiment folder>/runs: one log dir for all.
+TENSORBOARD_LOGDIR = f"{RESEARCHER_ROOT}/var/experiments"
+TENSORBOARD_LOG = f"{RESEARCHER_ROOT}/tensorboard.log"
 NODE_CONSOLE_LOG = f"{NODE_ROOT}/log/console.log"
 APP_LOG = f"{NODE_ROOT}/log/application.log"
 AUDIT_LOG = f"{NODE_ROOT}/log/security_audit.log"
@@ -117,6 +123,12 @@ def _probe(stack, name, argv, *, env=None):
     return stack.host.probe(exec_argv(stack, name, argv, env=env))
 
 
+def _inspect(stack, name, template):
+    """`docker inspect -f template` of a component's container (a probe)."""
+    argv = ["docker", "inspect", "--type", "container", "-f", template]
+    return stack.host.probe([*argv, stack.container(name)])
+
+
 def _tail(result, lines: int = 6) -> str:
     """The last meaningful lines of a failed command, for an error message."""
     text = _ANSI.sub("", (result.stdout or "") + "\n" + (result.stderr or ""))
@@ -125,10 +137,17 @@ def _tail(result, lines: int = 6) -> str:
 
 
 def require_running(stack, name: str) -> None:
+    """Fail unless the component's container runs with Fed-BioMed inside."""
     if stack.state(name) != "running":
         raise StateError(
             f"the {name} container is not running; start it with `invoke "
             f"{name}.up` (`invoke peer.join {name}` the first time)"
+        )
+    if not stack.host.dry and not _probe(stack, name, ["test", "-x", FEDBIOMED]).ok:
+        raise StateError(
+            f"the {name} container has no Fed-BioMed (its image was built with "
+            f"fbm.build.fedbiomed false); set it true, then `invoke build` and "
+            f"`invoke {name}.up`"
         )
 
 
@@ -168,8 +187,8 @@ def container_path(path: str, mounts) -> str:
         relative = posixpath.normpath(text)
         if relative == ".." or relative.startswith("../"):
             raise BadInput(
-                f"{path} leads outside {pairs[0][0]}; put the data inside that "
-                f"folder (it is {pairs[0][1]} in the container)"
+                f"{path} is outside {pairs[0][0]} ({pairs[0][1]} in the "
+                f"container); move or copy it there first"
             )
         return posixpath.normpath(posixpath.join(pairs[0][1], relative))
     absolute = posixpath.normpath(text)
@@ -722,6 +741,199 @@ def ensure_researcher(stack) -> bool:
     return True
 
 
+# -- the researcher's web tools ---------------------------------------------------
+#
+# Jupyter and tensorboard listen, inside the container, on its docker-network
+# address only: the published ports reach them there, while the researcher's
+# VPN address (wg0) stays closed to the nodes.
+
+
+def check_web_host(host: str, expose: bool, source: str = "--host") -> str:
+    """Accept the address Jupyter and tensorboard are published on.
+
+    A loopback address keeps them on this machine. Any other one (0.0.0.0, a
+    LAN address) lets other machines reach them, so it needs `expose`; refused
+    otherwise, before anything changes.
+    """
+    text = str(host).strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise BadInput(
+            f"{source} {text!r} is not an IPv4 address; give an address of this "
+            f"machine, e.g. 127.0.0.1 (the default) or its LAN address"
+        ) from None
+    if address.version != 4:
+        raise BadInput(
+            f"{source} {text}: only IPv4 addresses can be given; use 127.0.0.1, "
+            f"0.0.0.0 or one of this machine's IPv4 addresses"
+        )
+    if address.is_loopback or expose:
+        return text
+    where = "every address of this machine" if address.is_unspecified else text
+    raise BadInput(
+        f"{source} {text} would publish Jupyter and tensorboard on {where}, open "
+        f"to other machines: Jupyter runs any code as the container's user for "
+        f"whoever reaches its port with the token, and tensorboard asks for no "
+        f"token at all. Nothing was changed. If only trusted machines can reach "
+        f"that address, confirm with --expose (or fbm.researcher.expose: true); "
+        f"otherwise keep 127.0.0.1 and connect through an SSH tunnel "
+        f"(ssh -L 8888:127.0.0.1:8888 THIS-MACHINE)"
+    )
+
+
+def parse_bindings(text: str) -> dict[int, tuple[str, int]]:
+    """Container TCP port -> (host address, host port), from the JSON of
+    `docker inspect -f '{{json .HostConfig.PortBindings}}'`."""
+    try:
+        value = json.loads(text or "null") or {}
+    except ValueError:
+        return {}
+    found = {}
+    for key, entries in value.items():
+        port, _, proto = key.partition("/")
+        if proto == "tcp" and entries:
+            entry = entries[0]
+            found[int(port)] = (
+                entry.get("HostIp") or "0.0.0.0",
+                int(entry.get("HostPort") or port),
+            )
+    return found
+
+
+def parse_addresses(text: str) -> list[str]:
+    """The IPv4 addresses in the output of `ip -o -4 addr show`."""
+    return re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", text or "")
+
+
+def web_bindings(stack) -> dict[int, tuple[str, int]]:
+    """Where the researcher container publishes its ports ({} if absent)."""
+    probe = _inspect(stack, "researcher", "{{json .HostConfig.PortBindings}}")
+    return parse_bindings(probe.stdout) if probe.ok else {}
+
+
+def check_local_address(stack, host: str) -> None:
+    """Refuse an address the researcher's machine does not have (docker would
+    fail only after removing the old container)."""
+    address = ipaddress.ip_address(host)
+    if address.is_loopback or address.is_unspecified:
+        return
+    probe = stack.host.probe(["ip", "-o", "-4", "addr", "show"])
+    known = parse_addresses(probe.stdout) if probe.ok else []
+    if known and host not in known:
+        raise BadInput(
+            f"{host} is not an address of the researcher's machine (it has "
+            f"{', '.join(known)}); give one of these, or 0.0.0.0 for all of them"
+        )
+
+
+def publish_researcher(
+    stack, host: str, *, expose=False, source="--host", always=False
+) -> bool:
+    """Publish the researcher's Jupyter and tensorboard ports on `host`.
+
+    Checks first (see `check_web_host`, `check_local_address`); then starts
+    the container when it is stopped or published elsewhere (compose
+    recreates it: the VPN config and the Fed-BioMed component live on the
+    mounts and stay; Jupyter and tensorboard must be started again), or
+    always with `always`. True when the container was started or recreated.
+    """
+    host = check_web_host(host, expose, source)
+    check_local_address(stack, host)
+    # What compose publishes comes from the settings: this call's choice wins.
+    res = {**stack.settings["researcher"], "host": host, "expose": bool(expose)}
+    stack.settings.raw["researcher"] = res
+    before = web_bindings(stack).get(JUPYTER_PORT, (None, 0))[0]
+    if not always and before == host and stack.state("researcher") == "running":
+        return False
+    moving = before is not None and before != host
+    if moving:
+        stack.say(
+            f"researcher: publishing Jupyter and tensorboard on {host} instead of "
+            f"{before}: recreating the container (VPN config and Fed-BioMed "
+            f"component stay; start Jupyter and tensorboard again)"
+        )
+    stack.up("researcher")
+    if stack.host.dry:
+        return True
+    after = web_bindings(stack).get(JUPYTER_PORT, (None, 0))[0]
+    if after != host:
+        raise EngineError(
+            f"the researcher's ports are published on {after}, not {host}; see "
+            f"`docker port {stack.container('researcher')}`"
+        )
+    server_ip = stack.settings["vpn"]["server_ip"]
+    if moving and not stack.wait_ping("researcher", server_ip):
+        stack.say(
+            f"warning: the recreated researcher does not reach the VPN server "
+            f"{server_ip} yet; check `invoke status`"
+        )
+    return True
+
+
+def web_url(stack, port: int, path: str = "") -> str:
+    """The address a browser on this machine uses for a container port."""
+    res = stack.settings["researcher"]
+    fallback = {
+        JUPYTER_PORT: int(res["jupyter_port"]),
+        TENSORBOARD_PORT: int(res["tensorboard_port"]),
+    }
+    host, published = web_bindings(stack).get(
+        port, (res["host"], fallback.get(port, port))
+    )
+    if ipaddress.ip_address(host).is_unspecified:
+        host = "127.0.0.1"
+    return f"http://{host}:{published}/{path}"
+
+
+def exposure_warning(stack) -> str | None:
+    """A warning when the researcher's web ports are open to other machines."""
+    bindings = web_bindings(stack)
+    host = bindings.get(JUPYTER_PORT, ("127.0.0.1", 0))[0]
+    if ipaddress.ip_address(host).is_loopback:
+        return None
+    where = "every address of this machine" if host == "0.0.0.0" else host
+    ports = f"{bindings[JUPYTER_PORT][1]} and {bindings[TENSORBOARD_PORT][1]}"
+    return (
+        f"warning: Jupyter and tensorboard (ports {ports}) are published on "
+        f"{where}. Whoever reaches Jupyter with its token runs code as the "
+        f"container's user; tensorboard needs no token. Keep these ports behind "
+        f"a firewall that lets only trusted machines in, or go back to this "
+        f"machine only with `invoke researcher.up --host 127.0.0.1`."
+    )
+
+
+def container_address(stack, name: str = "researcher") -> str:
+    """The container's address on its docker network (where published ports
+    arrive), never its VPN address."""
+    template = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    probe = _inspect(stack, name, template)
+    found = (probe.stdout or "").split() if probe.ok else []
+    if not found:
+        raise EngineError(
+            f"cannot read the docker-network address of {name}; check "
+            f"`docker inspect {stack.container(name)}` and `invoke status`"
+        )
+    return found[0]
+
+
+def _wait_listening(stack, address, port, running, log_file, what, timeout) -> None:
+    """Wait until `address:port` accepts connections inside the researcher."""
+    check = f"import socket; socket.create_connection(({address!r}, {port}), 2)"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _probe(stack, "researcher", ["python3", "-c", check]).ok:
+            return
+        if not running(stack):
+            break
+        time.sleep(1)
+    logs = _probe(stack, "researcher", ["tail", "-n", "15", log_file])
+    raise EngineError(
+        f"{what} did not start in the researcher; last lines of {log_file}:\n"
+        f"{(logs.stdout or '').strip()}"
+    )
+
+
 def jupyter_running(stack) -> bool:
     found = _probe(stack, "researcher", ["pgrep", "-f", "bin/jupyter-notebook"])
     return found.ok
@@ -732,11 +944,13 @@ def start_jupyter(stack, timeout: float = 90) -> str | None:
 
     None when Jupyter runs already (its token was shown when it started). The
     token goes to the container through stdin into a 0600 file, never on a
-    command line.
+    command line. Jupyter listens on the container's docker-network address
+    only, so the published port reaches it and the VPN does not.
     """
     ensure_researcher(stack)
     if jupyter_running(stack):
         return None
+    address = container_address(stack)
     token = secrets.token_urlsafe(32)
     keep = 'umask 077 && cat >"$0"'
     written = _run(
@@ -751,7 +965,7 @@ def start_jupyter(stack, timeout: float = 90) -> str | None:
         'export JUPYTER_TOKEN; exec "$@" >>"$log" 2>&1'
     )
     argv = ["sh", "-c", script, "sh", JUPYTER_TOKEN_FILE, JUPYTER_LOG]
-    argv += [JUPYTER, "notebook", "--no-browser", "--ip=0.0.0.0"]
+    argv += [JUPYTER, "notebook", "--no-browser", f"--ip={address}"]
     argv += [f"--port={JUPYTER_PORT}", "--notebook-dir=/fbm"]
     if stack.settings.identity.uid == 0:
         argv.append("--allow-root")
@@ -766,25 +980,73 @@ def start_jupyter(stack, timeout: float = 90) -> str | None:
     result = stack.host.run(command, hide="both", warn=True)
     if not result.ok:
         raise EngineError(f"starting Jupyter failed:\n{_tail(result)}")
-    res = stack.settings["researcher"]
-    host = "127.0.0.1" if res["host"] in ("0.0.0.0", "") else res["host"]
-    url = f"http://{host}:{res['jupyter_port']}/tree?token={token}"
-    if stack.host.dry:
-        return url
+    url = web_url(stack, JUPYTER_PORT, f"tree?token={token}")
+    if not stack.host.dry:
+        _wait_listening(
+            stack,
+            address,
+            JUPYTER_PORT,
+            jupyter_running,
+            JUPYTER_LOG,
+            "Jupyter",
+            timeout,
+        )
+    return url
 
-    check = f"import socket; socket.create_connection(('127.0.0.1', {JUPYTER_PORT}), 2)"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _probe(stack, "researcher", ["python3", "-c", check]).ok:
-            return url
-        if not jupyter_running(stack):
-            break
-        time.sleep(1)
-    logs = _probe(stack, "researcher", ["tail", "-n", "15", JUPYTER_LOG])
-    raise EngineError(
-        f"Jupyter did not start in the researcher; last log lines:\n"
-        f"{(logs.stdout or '').strip()}"
-    )
+
+def tensorboard_running(stack) -> bool:
+    pattern = f"--logdir {TENSORBOARD_LOGDIR}"
+    found = _probe(stack, "researcher", ["pgrep", "-f", "--", pattern])
+    return found.ok
+
+
+def start_tensorboard(stack, timeout: float = 120) -> tuple[str, bool]:
+    """Start tensorboard on Fed-BioMed's experiment folder; return its URL and
+    whether it was started (False: it runs already).
+
+    Experiments run with `tensorboard=True` write there, one sub-folder each.
+    Like Jupyter, it listens on the container's docker-network address only.
+    """
+    ensure_researcher(stack)
+    url = web_url(stack, TENSORBOARD_PORT)
+    if tensorboard_running(stack):
+        return url, False
+    address = container_address(stack)
+    made = _run(stack, "researcher", ["mkdir", "-p", TENSORBOARD_LOGDIR])
+    if not made.ok and not stack.host.dry:
+        raise EngineError(f"cannot create {TENSORBOARD_LOGDIR}:\n{_tail(made)}")
+
+    script = 'log=$1; shift; exec "$@" >>"$log" 2>&1'
+    argv = ["sh", "-c", script, "sh", TENSORBOARD_LOG, f"{VENV}/bin/tensorboard"]
+    argv += ["--logdir", TENSORBOARD_LOGDIR, "--host", address]
+    argv += ["--port", str(TENSORBOARD_PORT)]
+    command = exec_argv(stack, "researcher", argv, detach=True, workdir=RESEARCHER_ROOT)
+    result = stack.host.run(command, hide="both", warn=True)
+    if not result.ok:
+        raise EngineError(f"starting tensorboard failed:\n{_tail(result)}")
+    if not stack.host.dry:
+        _wait_listening(
+            stack,
+            address,
+            TENSORBOARD_PORT,
+            tensorboard_running,
+            TENSORBOARD_LOG,
+            "tensorboard",
+            timeout,
+        )
+    return url, True
+
+
+def list_samples(stack) -> tuple[str, list[str]]:
+    """The researcher's samples folder on its machine (made if missing) and
+    the scripts and notebooks in it, relative to it."""
+    folder = str(stack.run_mounts("researcher") / "samples")
+    stack.host.mkdir(folder)
+    argv = ["find", folder, "-name", ".ipynb_checkpoints", "-prune", "-o"]
+    argv += ["-type", "f", "(", "-name", "*.py", "-o", "-name", "*.ipynb", ")"]
+    found = stack.host.probe([*argv, "-print"])
+    lines = (found.stdout or "").splitlines() if found.ok else []
+    return folder, sorted(posixpath.relpath(line, folder) for line in lines if line)
 
 
 def run_script(stack, path: str, args=(), *, hide=False):

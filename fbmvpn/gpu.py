@@ -44,7 +44,18 @@ MIN_DRIVER = {
     "12.4": "550.54.14",
     "12.5": "555.42.02",
     "12.6": "560.28.03",
+    "12.8": "570.26",
+    "12.9": "575.51.03",
+    "13.0": "580.65.06",
+    # PyPI's torch 2.15 is built for 13.2; like the manual's 12.1, the CUDA 13
+    # floor of minor version compatibility
+    "13.1": "580.65.06",
+    "13.2": "580.65.06",
 }
+
+# Written at build time in the Fed-BioMed layer: the CUDA release its torch
+# was built for (`cpu` for a CPU build).
+TORCH_CUDA_FILE = "/opt/fbm-venv/torch-cuda"
 
 RECOMMENDED_GPU_MIB = 4096
 TOOLKIT_BINARIES = (
@@ -136,6 +147,27 @@ def version_at_least(version: str, minimum: str) -> bool:
     have, need = version_tuple(version), version_tuple(minimum)
     width = max(len(have), len(need))
     return have + (0,) * (width - len(have)) >= need + (0,) * (width - len(need))
+
+
+def resolve_cuda(run: Runner, setting: str, image: str) -> str:
+    """The CUDA release to check the driver against: `setting`, or with `auto`
+    the one the node image's torch was built for, else DEFAULT_CUDA (image
+    not built here)."""
+    if setting and setting != "auto":
+        return setting
+    argv = ["docker", "run", "--rm", "--entrypoint", "cat", image, TORCH_CUDA_FILE]
+    code, out, _ = run(argv)
+    found = out.strip() if code == 0 else ""
+    if found == "cpu":
+        raise BadInput(
+            f"{image} holds a CPU build of torch (fbm.build.torch_index is set), "
+            f"which cannot use a GPU; empty fbm.build.torch_index and rebuild: "
+            f"`invoke build --images node --force`"
+        )
+    if re.fullmatch(r"\d+\.\d+(\.\d+)?", found):
+        return found
+    log.debug("no CUDA release read from %s (%s); using %s", image, out, DEFAULT_CUDA)
+    return DEFAULT_CUDA
 
 
 def min_driver(cuda_version: str) -> str:

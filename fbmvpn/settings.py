@@ -27,8 +27,13 @@ DEFAULTS = {
         # auto: debian:bookworm-slim if present here, else the local image that
         # `invoke build.base-os` makes, else debian:bookworm-slim (pulled)
         "base_image": "auto",
-        "cuda_base_image": "nvidia/cuda:12.1.1-runtime-ubuntu22.04",
         "ca_bundle": "",
+        # false: node, researcher and gui without Fed-BioMed (VPN only, small)
+        "fedbiomed": True,
+        # a folder of wheels: install Fed-BioMed from it only (offline build)
+        "wheelhouse": "",
+        # a package index for torch and torchvision (e.g. PyTorch's CPU one)
+        "torch_index": "",
     },
     "vpn": {
         "public_addr": "",
@@ -44,14 +49,32 @@ DEFAULTS = {
         "kernel_module": True,
     },
     "peers": {"node": "node1", "node2": "node2", "researcher": "researcher1"},
-    "researcher": {"host": "127.0.0.1", "jupyter_port": 8888, "tensorboard_port": 6006},
-    "gui": {"host": "127.0.0.1", "https_port": 8443, "http_port": 8484},
+    "researcher": {
+        # where Jupyter and tensorboard are published; any address but a
+        # loopback one needs expose: true (or --expose), a deliberate choice
+        "host": "127.0.0.1",
+        "expose": False,
+        "jupyter_port": 8888,
+        "tensorboard_port": 6006,
+    },
+    # host: the address the ports are published on (GUI_SERVER_IP of the
+    # manual); server_name: what users type in their browser, put in the
+    # self-signed certificate (GUI_SERVER_NAME)
+    "gui": {
+        "host": "127.0.0.1",
+        "https_port": 8443,
+        "http_port": 8484,
+        "server_name": "localhost",
+        "expose": False,
+    },
     "wait_timeout": 90,
     # Remote machines (fab): where run files live, and the inventory, a list of
     # {host: "user@name:port", role: network|node|researcher|gui, id: ..., dir: ...}
     "remote": {"dir": "fbm-vpn", "accept_new_host": False},
     "hosts": [],
-    "gpu": {"cuda_version": "12.1.1", "syntax": "runtime"},
+    # cuda_version auto: the release the node image's torch was built for
+    # (read from the image; 12.1.1 before it is built)
+    "gpu": {"cuda_version": "auto", "syntax": "runtime"},
 }
 
 _INSTANCE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")

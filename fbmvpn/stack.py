@@ -46,14 +46,17 @@ COMPONENTS = {
     "gui": Component("gui", None, ("certs",), "gui"),
 }
 
-# image -> (compose service that builds it, image it is built FROM)
+# image -> (compose service that builds it, image it is built FROM). node,
+# researcher and gui start from basefbm (the base on the Fed-BioMed layer), or
+# from base when fbm.build.fedbiomed is false (VPN only); see `image_order`.
 IMAGES = {
     "base": ("base", None),
-    "basenode": ("basenode-no-gpu", None),
+    "fbm": ("fbm", None),
+    "basefbm": ("basefbm", "fbm"),
     "vpnserver": ("vpnserver", "base"),
-    "node": ("node", "basenode"),
-    "researcher": ("researcher", "base"),
-    "gui": ("gui", "base"),
+    "node": ("node", "basefbm"),
+    "researcher": ("researcher", "basefbm"),
+    "gui": ("gui", "basefbm"),
 }
 OFFICIAL_BASE = "debian:bookworm-slim"
 LOCAL_BASE = "fbm-local/debian:bookworm"  # made by `invoke build.base-os`
@@ -69,7 +72,7 @@ def component(name: str) -> Component:
         ) from None
 
 
-def image_order(names) -> list[str]:
+def image_order(names, fedbiomed: bool = True) -> list[str]:
     """The images to build for `names`, each after the image it starts FROM."""
     order: list[str] = []
 
@@ -77,6 +80,8 @@ def image_order(names) -> list[str]:
         if name not in IMAGES:
             raise BadInput(f"unknown image {name!r}; use one of: {', '.join(IMAGES)}")
         parent = IMAGES[name][1]
+        if parent == "basefbm" and not fedbiomed:
+            parent = "base"
         if parent:
             visit(parent)
         if name not in order:
@@ -161,9 +166,12 @@ class Stack:
             "FBM_TAG": s.tag,
             "FBM_MOUNTS": str(s.mounts),
             "FBM_SOURCE_HASH": self.source_hash(),
+            "FBM_LAYER_HASH": self.image_hash("fbm"),
             **s.identity.env(),
             "BASE_IMAGE": self.base_image(),
-            "CUDA_BASE_IMAGE": build["cuda_base_image"],
+            "FEDBIOMED_VERSION": s["fedbiomed_version"],
+            "TORCH_INDEX_URL": build["torch_index"],
+            "FBM_FROM": self.component_base(),
             "VPN_SERVER_PORT": str(vpn["port"]),
             "VPN_SERVER_BIND": vpn["bind"],
             "USE_WG_KERNEL_MOD": "true" if vpn["kernel_module"] else "false",
@@ -174,6 +182,7 @@ class Stack:
             "GUI_HOST": gui["host"],
             "GUI_HTTPS_PORT": str(gui["https_port"]),
             "GUI_HTTP_PORT": str(gui["http_port"]),
+            "GUI_SERVER_NAME": gui["server_name"],
         }
 
     def write_compose_env(self) -> None:
@@ -221,13 +230,38 @@ class Stack:
         current = set()
         for line in (probe.stdout or "").splitlines():
             tags, _, digest = line.rpartition(" ")
-            if digest != self.source_hash():
-                continue
-            current.update(refs[tag] for tag in json.loads(tags or "[]") if tag in refs)
+            for tag in json.loads(tags or "[]"):
+                if tag in refs and digest == self.image_hash(refs[tag]):
+                    current.add(refs[tag])
         return current
 
+    def image_hash(self, name: str) -> str:
+        """What image `name` is built from, as its label should read. The fbm
+        layer depends only on its Dockerfile and build values, so a code change
+        does not reinstall Fed-BioMed."""
+        if name != "fbm":
+            return self.source_hash()
+        dockerfile = PROJECT_ROOT / "envs" / "vpn" / "docker" / "fbm" / "Dockerfile"
+        return source_hash(
+            self.base_image(),
+            self.settings["fedbiomed_version"],
+            self.settings["build"]["torch_index"],
+            hashlib.sha256(dockerfile.read_bytes()).hexdigest(),
+            files=False,
+        )
+
     def source_hash(self) -> str:
-        return source_hash(self.base_image(), self.settings["build"]["cuda_base_image"])
+        build = self.settings["build"]
+        return source_hash(
+            self.base_image(),
+            self.settings["fedbiomed_version"],
+            build["torch_index"],
+            self.component_base(),
+        )
+
+    def component_base(self) -> str:
+        """The image node, researcher and gui start from."""
+        return "basefbm" if self.settings["build"]["fedbiomed"] else "base"
 
     def base_image(self) -> str:
         """The base OS image; `auto` prefers what this engine already holds:
@@ -246,21 +280,22 @@ class Stack:
 
     # -- build ---------------------------------------------------------------
 
-    def build(self, names, force=False, gpu=False, ca_bundle=None) -> list[str]:
+    def build(self, names, force=False, ca_bundle=None, wheelhouse=None) -> list[str]:
         """Build the images in `names` (and their bases) that are missing."""
+        order = image_order(names, self.settings["build"]["fedbiomed"])
         self.write_compose_env()
         self._stage_ca_bundle(ca_bundle)
+        if "fbm" in order:
+            self._stage_wheelhouse(wheelhouse)
         built = []
-        order = image_order(names)
         current = set() if force else self.current_images(order)
         for name in order:
             service = IMAGES[name][0]
-            if name == "basenode" and gpu:
-                service = "basenode"
             if name in current:
                 self.say(f"image {self.image(name)} up to date; skipped")
                 continue
-            self.say(f"building {self.image(name)} (service {service})")
+            note = " (Fed-BioMed and torch: several minutes the first time)"
+            self.say(f"building {self.image(name)}{note if name == 'fbm' else ''}")
             result = self.compose("build", service, warn=True)
             if not result.ok:
                 raise EngineError(
@@ -269,6 +304,33 @@ class Stack:
                 )
             built.append(name)
         return built
+
+    def _stage_wheelhouse(self, wheelhouse) -> None:
+        """Put the wheels of an offline build where the fbm image's build sees
+        them (the build folder's wheelhouse/), or empty that folder."""
+        target = self.settings.compose_dir / ".build" / "wheelhouse"
+        source = wheelhouse or self.settings["build"]["wheelhouse"]
+        wheels = []
+        if source:
+            source = Path(source).expanduser()
+            listing = self.host.probe(
+                ["find", source, "-maxdepth", "1", "-name", "*.whl"]
+            )
+            if not listing.ok:
+                raise BadInput(f"wheelhouse {source} is not a readable folder")
+            wheels = sorted(listing.stdout.splitlines())
+            if not wheels:
+                raise BadInput(
+                    f"wheelhouse {source} holds no .whl file; fill it on a machine "
+                    f"with PyPI access: `pip download -d {source} "
+                    f"'fedbiomed[node,researcher,gui]=="
+                    f"{self.settings['fedbiomed_version']}' 'setuptools<81'`"
+                )
+        self.host.remove_tree(target)
+        self.host.mkdir(target)
+        if wheels:
+            self.say(f"staging {len(wheels)} wheels from {source} (offline build)")
+            self.host.run(["cp", "--reflink=auto", *wheels, target], hide=True)
 
     def _stage_ca_bundle(self, ca_bundle) -> None:
         target = self.settings.compose_dir / ".build" / "extra-ca.crt"
@@ -337,6 +399,8 @@ class Stack:
             raise BadInput(f"{name} has no GPU variant")
         if gpu:
             self.gpu_preflight()
+        if name == "researcher":
+            self.check_researcher_host()
         self.write_compose_env()
         self.prepare_mounts(name)
         other = name if gpu else comp.gpu_service
@@ -366,13 +430,24 @@ class Stack:
             raise EngineError(f"starting {service} failed: {error[-300:]}; {hint}")
         self.wait_ready(name)
 
+    def check_researcher_host(self) -> None:
+        """Refuse to publish Jupyter and tensorboard beyond this machine
+        (fbm.researcher.host not loopback) without fbm.researcher.expose."""
+        from .fedbiomed import check_web_host  # the rule of researcher.up
+
+        res = self.settings["researcher"]
+        check_web_host(res["host"], bool(res.get("expose")), "fbm.researcher.host")
+
     def gpu_preflight(self) -> None:
         """Refuse to start a GPU container when the host cannot run it."""
         from . import gpu as gpu_checks
 
+        cuda = gpu_checks.resolve_cuda(
+            self.gpu_runner(), self.settings["gpu"]["cuda_version"], self.image("node")
+        )
         checks = gpu_checks.run_checks(
             self.gpu_runner(),
-            self.settings["gpu"]["cuda_version"],
+            cuda,
             nvidia_runtime=self.settings["gpu"]["syntax"] == "runtime",
         )
         if gpu_checks.failed(checks):
@@ -523,6 +598,8 @@ class Stack:
         if not comp.is_peer:
             raise BadInput(f"{name} is not a VPN peer")
         registry.check_peer_id(peer_id)
+        if name == "researcher":
+            self.check_researcher_host()  # before anything changes
         ptype = comp.peer_type
 
         # One call generates the config when missing and hands it over.
@@ -675,18 +752,21 @@ _HOSTNAME = re.compile(
 
 
 @cache
-def source_hash(*build_values: str) -> str:
+def source_hash(*build_values: str, files: bool = True) -> str:
     """A digest of what the images are built from (library, templates,
-    Dockerfiles, base images), so that a change means a rebuild."""
-    files = sorted(
-        [
-            *PROJECT_ROOT.glob("fbmvpn/**/*.py"),
-            *PROJECT_ROOT.glob("templates/*"),
-            *PROJECT_ROOT.glob("envs/vpn/docker/*/Dockerfile"),
-        ]
-    )
+    Dockerfiles, base images), so that a change means a rebuild; `files=False`:
+    of the build values only."""
+    sources = []
+    if files:
+        sources = sorted(
+            [
+                *PROJECT_ROOT.glob("fbmvpn/**/*.py"),
+                *PROJECT_ROOT.glob("templates/*"),
+                *PROJECT_ROOT.glob("envs/vpn/docker/*/Dockerfile"),
+            ]
+        )
     digest = hashlib.sha256("\0".join(build_values).encode())
-    for path in files:
+    for path in sources:
         digest.update(str(path.relative_to(PROJECT_ROOT)).encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -1,5 +1,6 @@
 """Glue shared by the task modules (not a task module itself)."""
 
+import shlex
 import sys
 from contextlib import contextmanager
 
@@ -49,3 +50,32 @@ def confirm(question: str, yes: bool) -> None:
     answer = input(f"{question} [y/N] ").strip().lower()
     if answer not in ("y", "yes"):
         raise Exit("Nothing deleted.", code=1)
+
+
+def bring_up(stack, nodes=("node",), public_addr="", rebuild=False, gpu=False):
+    """Build what is missing, start the VPN server, join the researcher and
+    `nodes`: the first steps of `up` and `demo`."""
+    peers = stack.settings["peers"]
+    with step("checking Docker"):
+        stack.check_engine()
+        if gpu:
+            stack.gpu_preflight()
+        stack.check_researcher_host()
+    with step("building images"):
+        stack.build(["vpnserver", "node", "researcher"], force=rebuild)
+    with step("starting the VPN server"):
+        if not stack.host.exists(stack.server_config()):
+            stack.vpnserver_init(public_addr or None)
+        stack.up("vpnserver")
+    with step("joining the researcher"):
+        stack.join("researcher", peers["researcher"])
+    for name in nodes:
+        with step(f"joining {name}"):
+            stack.join(name, peers[name], gpu=gpu)
+
+
+def container_logs(ctx, name: str, follow=False, tail=100) -> None:
+    """`docker logs` of a component's container."""
+    stack = open_stack(ctx)
+    argv = ["docker", "logs", "--tail", str(int(tail))]
+    ctx.run(shlex.join(argv + (["-f"] if follow else []) + [stack.container(name)]))

@@ -10,7 +10,8 @@ from invoke import Collection, Exit, task
 
 from fbmvpn.stack import component
 
-from ._common import open_stack, say, step
+from . import fbm_gui, fbm_node, fbm_researcher
+from ._common import container_logs, open_stack, say, step
 
 
 def component_collection(name: str) -> Collection:
@@ -54,15 +55,22 @@ def component_collection(name: str) -> Collection:
 
     shell.__doc__ = f"Open an interactive shell in the {name} container."
 
+    collection = Collection(name, up, down, shell)
+    if comp.peer_type == "node":
+        fbm_node.register(collection, name)  # its `logs` shows both logs
+        return collection
+
     @task(help={"follow": "keep printing new lines", "tail": "lines to show"})
     def logs(ctx, follow=False, tail=100):
-        stack = open_stack(ctx)
-        argv = ["docker", "logs", "--tail", str(int(tail))]
-        ctx.run(" ".join(argv + (["-f"] if follow else []) + [stack.container(name)]))
+        container_logs(ctx, name, follow=follow, tail=tail)
 
     logs.__doc__ = f"Show the {name} container's log."
-
-    return Collection(name, up, down, shell, logs)
+    collection.add_task(logs)
+    if name == "researcher":
+        fbm_researcher.register(collection, name)
+    if name == "gui":
+        fbm_gui.register(collection, name)  # its `up` checks the certificates
+    return collection
 
 
 def name_hint(name: str) -> str:

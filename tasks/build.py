@@ -14,19 +14,27 @@ ALL = ("vpnserver", "node", "researcher", "gui")
     help={
         "images": f"comma-separated images among {', '.join(IMAGES)} (default: all)",
         "force": "rebuild images that exist already",
-        "gpu": "build basenode on the CUDA base image (GPU nodes)",
         "ca_bundle": "PEM file of extra CA certificates trusted during builds",
         "base_image": "base OS image, e.g. fbm-local/debian:bookworm",
+        "wheelhouse": "folder of wheels: install Fed-BioMed from it only (offline)",
     },
 )
-def images(ctx, images="", force=False, gpu=False, ca_bundle="", base_image=""):
-    """Build missing images, each after the image it starts from."""
+def images(ctx, images="", force=False, ca_bundle="", base_image="", wheelhouse=""):
+    """Build missing images, each after the image it starts from.
+
+    node, researcher and gui carry Fed-BioMed (fbm.fedbiomed_version) from the
+    shared fbm image: its first build downloads several GB (torch), later code
+    changes rebuild in seconds. `fbm.build.fedbiomed: false` builds them
+    without it (VPN only). The same node image serves CPU and GPU nodes.
+    """
     stack = open_stack(ctx)
     if base_image:
         stack.settings.raw["build"]["base_image"] = base_image
     names = [name.strip() for name in images.split(",") if name.strip()] or ALL
     with step("build"):
-        built = stack.build(names, force=force, gpu=gpu, ca_bundle=ca_bundle)
+        built = stack.build(
+            names, force=force, ca_bundle=ca_bundle, wheelhouse=wheelhouse
+        )
     say(f"built: {', '.join(built) or 'nothing (all present)'}")
 
 

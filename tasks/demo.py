@@ -4,7 +4,7 @@ from invoke import Exit, task
 
 from fbmvpn import fedbiomed
 
-from ._common import open_stack, say, step
+from ._common import bring_up, open_stack, say, step
 
 
 @task(
@@ -26,21 +26,8 @@ def demo(ctx, rounds=2, public_addr=""):
     if rounds < 2:
         raise Exit("demo: give --rounds 2 or more", code=1)
     stack = open_stack(ctx)
-    peers = stack.settings["peers"]
     nodes = fedbiomed.NODES
-    with step("checking Docker"):
-        stack.check_engine()
-    with step("building images"):
-        stack.build(["vpnserver", "node", "researcher"])
-    with step("starting the VPN server"):
-        if not stack.host.exists(stack.server_config()):
-            stack.vpnserver_init(public_addr or None)
-        stack.up("vpnserver")
-    with step("joining the researcher"):
-        stack.join("researcher", peers["researcher"])
-    for name in nodes:
-        with step(f"joining {name}"):
-            stack.join(name, peers[name])
+    bring_up(stack, nodes, public_addr)
     with step("demo"):
         report = fedbiomed.run_demo(stack, nodes, rounds)
     if stack.host.dry:

@@ -2,7 +2,7 @@
 
 from invoke import Exit, task
 
-from ._common import open_stack, say, step
+from ._common import bring_up, open_stack, say, step
 
 
 @task(
@@ -19,22 +19,8 @@ def up(ctx, gpu=False, rebuild=False, public_addr=""):
     researcher. Safe to run again: what is done is left as it is.
     """
     stack = open_stack(ctx)
-    peers = stack.settings["peers"]
     server_ip = stack.settings["vpn"]["server_ip"]
-    with step("checking Docker"):
-        stack.check_engine()
-        if gpu:
-            stack.gpu_preflight()
-    with step("building images"):
-        stack.build(["vpnserver", "node", "researcher"], force=rebuild, gpu=gpu)
-    with step("starting the VPN server"):
-        if not stack.host.exists(stack.server_config()):
-            stack.vpnserver_init(public_addr or None)
-        stack.up("vpnserver")
-    with step("joining the researcher"):
-        stack.join("researcher", peers["researcher"])
-    with step("joining the node"):
-        stack.join("node", peers["node"], gpu=gpu)
+    bring_up(stack, ("node",), public_addr, rebuild=rebuild, gpu=gpu)
     if stack.host.dry:
         return
     researcher_ip = stack.vpn_ip("researcher")

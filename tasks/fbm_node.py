@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from fbmvpn import fedbiomed
 
-from ._common import open_stack, say, step
+from ._common import container_logs, open_stack, say, step
 
 PATH_HELP = (
     "inside the node's data folder (run_mounts/data, /data in the container): "
@@ -163,14 +163,18 @@ def register(collection, name: str) -> None:
             "tail": "lines to show",
             "follow": "keep printing new lines",
             "audit": "the security audit log (connections, approvals) instead",
+            "container": "the container's own log (VPN, entrypoint) instead",
         }
     )
-    def fbm_logs(ctx, tail=100, follow=False, audit=False):
+    def logs(ctx, tail=100, follow=False, audit=False, container=False):
+        if container:
+            container_logs(ctx, name, follow=follow, tail=tail)
+            return
         stack = open_stack(ctx)
-        with step(f"{name}.fbm-logs"):
+        with step(f"{name}.logs"):
             fedbiomed.node_logs(stack, name, tail=tail, follow=follow, audit=audit)
 
-    fbm_logs.__doc__ = f"Show the Fed-BioMed node log of {name}."
+    logs.__doc__ = f"Show {name}'s Fed-BioMed log (--container: the container's)."
 
     for item in (
         dataset_add,
@@ -181,7 +185,7 @@ def register(collection, name: str) -> None:
         training_plan_approve,
         start,
         stop,
-        fbm_logs,
+        logs,
     ):
         collection.add_task(item)
 

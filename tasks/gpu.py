@@ -1,7 +1,8 @@
 """`gpu.check`: does this machine meet the prerequisites of a GPU node?
 
-The CUDA version of the node image is `fbm.gpu.cuda_version` in the configuration
-(invoke.yaml, INVOKE_FBM_GPU_CUDA_VERSION), or `--cuda`.
+The CUDA version that sets the minimum driver is `--cuda`, else
+`fbm.gpu.cuda_version` (invoke.yaml, INVOKE_FBM_GPU_CUDA_VERSION); `auto`, the
+default, reads the release the node image's torch was built for.
 """
 
 from invoke import Collection, Exit, task
@@ -11,15 +12,17 @@ from fbmvpn.errors import FbmVpnError
 
 
 def _configured_cuda(ctx) -> str:
-    section = (ctx.config.get("fbm") or {}).get("gpu") or {}
-    return section.get("cuda_version") or gpu.DEFAULT_CUDA
+    fbm = ctx.config.get("fbm") or {}
+    setting = (fbm.get("gpu") or {}).get("cuda_version") or "auto"
+    image = f"fedbiomed/vpn-node:{fbm.get('tag') or 'latest'}"
+    return gpu.resolve_cuda(gpu.shell_runner(ctx), setting, image)
 
 
 @task(
     help={
         "json": "print the results as JSON (for CI) instead of a table",
         "cuda": "CUDA version of the node image, which sets the minimum driver "
-        f"(default: fbm.gpu.cuda_version, else {gpu.DEFAULT_CUDA})",
+        "(default: fbm.gpu.cuda_version; auto reads it from the node image)",
     }
 )
 def check(ctx, json=False, cuda=None):
@@ -27,9 +30,8 @@ def check(ctx, json=False, cuda=None):
 
     Exits non-zero when a prerequisite is missing; the table says how to fix it.
     """
-    cuda = cuda or _configured_cuda(ctx)
-
     try:
+        cuda = cuda or _configured_cuda(ctx)
         checks = gpu.run_checks(gpu.shell_runner(ctx), cuda)
     except FbmVpnError as error:
         raise Exit(f"gpu.check: {error}", code=1) from error

@@ -57,6 +57,9 @@ def fab_env(tmp_path_factory, sshd, node_sshd, node_engine):  # noqa: F811
                 f"{prefix}_FBM_RESEARCHER_JUPYTER_PORT": str(PORT + 1),
                 f"{prefix}_FBM_RESEARCHER_TENSORBOARD_PORT": str(PORT + 2),
                 f"{prefix}_FBM_BUILD_BASE_IMAGE": base,
+                # VPN-only images: the node image without Fed-BioMed is 0.4 GB,
+                # not 8.7; shipping and the handshake are what is tested here
+                f"{prefix}_FBM_BUILD_FEDBIOMED": "0",
                 f"{prefix}_FBM_REMOTE_DIR": str(work),
             }
         )

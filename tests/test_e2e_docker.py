@@ -8,15 +8,12 @@ without them these tests fail, they do not skip.
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import REPO_ROOT
+from stack_env import Instance, docker, require_engine
 
 pytestmark = pytest.mark.docker
 
@@ -25,53 +22,19 @@ SOME_KEY = "te4DPqEe60e/6d1YwFIFOeELXDqFTwcSjE9U0DwxbBY="  # a valid, unused key
 PORT = "51899"
 
 
-def docker(*args, check=True):
-    return subprocess.run(
-        ["docker", *args], capture_output=True, text=True, check=check, timeout=300
-    )
-
-
-class Deployment:
+class Deployment(Instance):
     def __init__(self, mounts):
-        self.mounts = mounts
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("INVOKE_", "FABRIC_"))
-        }
-        self.env.update(
-            INVOKE_FBM_INSTANCE=INSTANCE,
-            INVOKE_FBM_TAG=INSTANCE,
-            INVOKE_FBM_MOUNTS=str(mounts),
-            INVOKE_FBM_VPN_PORT=PORT,
-            INVOKE_FBM_RESEARCHER_JUPYTER_PORT="18888",
-            INVOKE_FBM_RESEARCHER_TENSORBOARD_PORT="16006",
-            INVOKE_FBM_GUI_HTTPS_PORT="18443",
-            INVOKE_FBM_GUI_HTTP_PORT="18484",
-            INVOKE_FBM_BUILD_BASE_IMAGE=os.environ.get(
-                "FBM_TEST_BASE_IMAGE", "fbm-local/debian:bookworm"
+        super().__init__(
+            INSTANCE,
+            mounts,
+            dict(
+                vpn=PORT,
+                jupyter=18888,
+                tensorboard=16006,
+                gui_https=18443,
+                gui_http=18484,
             ),
         )
-
-    def invoke(self, *args, check=True, timeout=900):
-        result = subprocess.run(
-            [sys.executable, "-m", "invoke", *args],
-            cwd=REPO_ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-            timeout=timeout,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"invoke {' '.join(args)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
-            )
-        return result
-
-    def container(self, name):
-        return f"fedbiomed-vpn-{name}-{INSTANCE}"
 
     def wg_key(self, name):
         return docker("exec", self.container(name), "wg", "show", "wg0", "public-key")
@@ -83,10 +46,7 @@ class Deployment:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
-    info = docker("info", "--format", "{{.ServerVersion}}", check=False)
-    assert info.returncode == 0, (
-        f"no Docker engine: {info.stderr}; run scripts/setup.sh"
-    )
+    require_engine()
     dep = Deployment(tmp_path_factory.mktemp("mounts"))
     try:
         first = dep.invoke("up")

@@ -418,7 +418,7 @@ def test_translate_cuda_requirement_beyond_the_table():
     advice = gpu.translate_error(recorded("compose-v2-cuda-requirement"))
 
     assert "too old for the CUDA 12.8 of the container" in advice
-    assert "a release that supports CUDA 12.8" in advice
+    assert "a release >= 570.26" in advice
 
 
 @pytest.mark.parametrize(
@@ -475,7 +475,7 @@ def test_min_driver(cuda, driver):
     assert gpu.min_driver(cuda) == driver
 
 
-@pytest.mark.parametrize("cuda", ["12", "13.0", "twelve"])
+@pytest.mark.parametrize("cuda", ["12", "14.0", "twelve"])
 def test_min_driver_refuses_unknown_versions(cuda):
     with pytest.raises(BadInput):
         gpu.min_driver(cuda)
@@ -591,6 +591,51 @@ def test_task_refuses_an_unknown_cuda_version(host):
         check_task(task_context(), cuda="9.2")
 
 
-def test_settings_declare_the_default_cuda_version():
-    assert DEFAULTS["gpu"]["cuda_version"] == gpu.DEFAULT_CUDA == "12.1.1"
+def test_settings_read_the_cuda_version_from_the_image_by_default():
+    assert DEFAULTS["gpu"]["cuda_version"] == "auto"
+    assert gpu.DEFAULT_CUDA == "12.1.1"
+
+
+def test_auto_takes_the_cuda_release_of_the_node_image(host, capsys):
+    (host.bin / "torch-cuda").write_text("13.0\n")
+    host.tool(
+        "docker",
+        {**ALL_OK["docker"], "run --rm --entrypoint cat fedbiomed/vpn-node:": None},
+    )
+    # the fake `docker run` prints the file the image would hold
+    script = (host.bin / "docker").read_text()
+    script = script.replace(
+        "run --rm --entrypoint cat fedbiomed/vpn-node:'*) exit 0",
+        f"run --rm --entrypoint cat fedbiomed/vpn-node:'*) {CAT} {host.bin}/torch-cuda",
+    )
+    (host.bin / "docker").write_text(script)
+
+    with pytest.raises(Exit):
+        check_task(task_context(), json=True)
+
+    detail = json.loads(capsys.readouterr().out)["checks"][0]["detail"]
+    assert "older than 580.65.06" in detail and "CUDA 13.0" in detail
+
+
+def test_auto_without_the_image_falls_back_to_the_manual_release(host, capsys):
+    check_task(task_context(), json=True)
+
+    detail = json.loads(capsys.readouterr().out)["checks"][0]["detail"]
+    assert "CUDA 12.1.1" in detail
+
+
+def test_a_cpu_torch_image_is_refused_for_gpu(host):
+    host.tool(
+        "docker",
+        {**ALL_OK["docker"], "run --rm --entrypoint cat fedbiomed/vpn-node:": None},
+    )
+    script = (
+        (host.bin / "docker")
+        .read_text()
+        .replace("fedbiomed/vpn-node:'*) exit 0", "fedbiomed/vpn-node:'*) echo cpu")
+    )
+    (host.bin / "docker").write_text(script)
+
+    with pytest.raises(Exit, match="CPU build of torch"):
+        check_task(task_context())
     assert sorted(gpu_ns.task_names) == ["check"]
