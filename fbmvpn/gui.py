@@ -585,7 +585,7 @@ class Service:
             elif not self.waiting_said:
                 log(
                     f"waiting for the node's Fed-BioMed component in {NODE_ROOT} "
-                    f"(`invoke gui.up` or `invoke node.up` creates it)"
+                    f"(`invoke gui.up` or `invoke node.start` creates it)"
                 )
                 self.waiting_said = True
         return True
