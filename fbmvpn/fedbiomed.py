@@ -71,6 +71,7 @@ mnist = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 images = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 real = os.path.realpath(path)
 out = {"exists": os.path.exists(path), "file": os.path.isfile(path),
+       "size": os.path.getsize(path) if os.path.isfile(path) else 0,
        "inside": any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots),
        "kind": None, "reason": ""}
 if out["file"]:
@@ -79,7 +80,12 @@ if out["file"]:
     elif os.path.getsize(path) == 0:
         out["reason"] = "an empty CSV file"
     else:
-        out["kind"] = "csv"
+        with open(path, "rb") as f:
+            rows = [line for line in f.read(65536).splitlines() if line.strip()]
+        if len(rows) < 2:
+            out["reason"] = "a CSV file with a header but no data row"
+        else:
+            out["kind"] = "csv"
 elif os.path.isdir(path):
     raw = os.path.join(path, "MNIST", "raw")
     subdirs = [os.path.join(path, d) for d in sorted(os.listdir(path))]
@@ -123,6 +129,17 @@ def _probe(stack, name, argv, *, env=None):
     return stack.host.probe(exec_argv(stack, name, argv, env=env))
 
 
+def fedbiomed_error(result) -> str:
+    """The reason Fed-BioMed gave for a failure: its last FBnnn message or
+    exception line, without the traceback around it."""
+    text = _ANSI.sub("", (result.stdout or "") + "\n" + (result.stderr or ""))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    coded = [line for line in lines if re.search(r"\bFB\d{3}\b", line)]
+    raised = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    found = (coded or raised or [_tail(result, 3)])[-1]
+    return re.sub(r"^.*?\b(FB\d{3}\b)", r"\1", found)
+
+
 def _inspect(stack, name, template):
     """`docker inspect -f template` of a component's container (a probe)."""
     argv = ["docker", "inspect", "--type", "container", "-f", template]
@@ -159,7 +176,8 @@ def require_vpn(stack, name: str) -> None:
     if not stack.ping(name, server_ip, count=2):
         raise StateError(
             f"the VPN of {name} is not up (no answer from the VPN server "
-            f"{server_ip}); run `invoke peer.join {name}` and check `invoke status`"
+            f"{server_ip}); check `invoke status`: start the server "
+            f"(`invoke vpnserver.up`) or join {name} (`invoke peer.join {name}`)"
         )
 
 
@@ -278,6 +296,9 @@ def check_tags(text: str) -> list[str]:
             f"bad dataset tag(s) {text!r}: give one or more comma-separated tags of "
             f"at least 3 characters, without spaces or quotes, e.g. demo-cancer"
         )
+    twice = sorted({tag for tag in tags if tags.count(tag) > 1})
+    if twice:
+        raise BadInput(f"tag(s) {', '.join(twice)} given twice in {text!r}")
     return tags
 
 
@@ -452,7 +473,10 @@ def add_dataset(
     added = [d for d in added if set(wanted) <= set(parse_tags(d["tags"]))]
     if not result.ok or not added:
         raise EngineError(
-            f"Fed-BioMed did not add the dataset on {name}:\n{_tail(result)}"
+            f"Fed-BioMed did not add the dataset on {name}: "
+            f"{fedbiomed_error(result)}\ncheck the data: {SUPPORTED}, readable, "
+            f"a CSV with a header row and one delimiter; then run the same task "
+            f"again (nothing was added)"
         )
     stack.say(f"{name}: dataset {entry['name']} ({kind}, tags {entry['tags']}) added")
     return added[0]
@@ -526,6 +550,8 @@ def register_plan(
             f"{path} is not a file inside {name}'s data folder ({target}); drop the "
             f"training plan (Python source) into {node_mounts(stack, name)[0][0]}"
         )
+    if not info.get("size"):
+        raise BadInput(f"{path} is empty; a training plan is a Python source file")
     ensure_node(stack, name)
     if any(p.get("name") == plan_name for p in list_plans(stack, name)):
         raise BadInput(
@@ -546,8 +572,10 @@ def register_plan(
     found = [p for p in list_plans(stack, name) if p.get("name") == plan_name]
     if not result.ok or not found:
         raise EngineError(
-            f"Fed-BioMed did not register {path} on {name} (the same code may be "
-            f"registered under another name):\n{_tail(result)}"
+            f"Fed-BioMed did not register {path} on {name}: "
+            f"{fedbiomed_error(result)}\nfix the plan's Python code, or, when the "
+            f"same code is registered under another name, use that one "
+            f"(`invoke {name}.training-plan-list`)"
         )
     stack.say(f"{name}: training plan {plan_name} registered and approved")
     return found[0]
@@ -609,10 +637,20 @@ def start_node(
     """
     check_node(name)
     require_running(stack, name)
+    if gpu and not stack.container(name).startswith(f"fedbiomed-vpn-{name}-gpu-"):
+        raise StateError(
+            f"{name} runs without the GPU runtime, so --gpu would train on the "
+            f"CPU; restart it on the GPU first: `invoke {name}.up --gpu` (checks "
+            f"the host), then `invoke {name}.start --gpu`"
+        )
     require_vpn(stack, name)
     ensure_node(stack, name)
     if node_running(stack, name):
-        stack.say(f"{name}: Fed-BioMed node running already (`invoke {name}.stop`)")
+        stack.say(
+            f"{name}: Fed-BioMed node running already, with the options it was "
+            f"started with; to change them: `invoke {name}.stop`, then "
+            f"`invoke {name}.start` with the new ones"
+        )
         return False
     target = researcher_ip(stack)
     if not stack.host.dry and not stack.ping(name, target, count=1):
@@ -1068,6 +1106,11 @@ def run_script(stack, path: str, args=(), *, hide=False):
     suffix = PurePosixPath(target).suffix
     if suffix not in (".py", ".ipynb"):
         raise BadInput(f"{path}: give a Python script (.py) or a notebook (.ipynb)")
+    if suffix == ".ipynb" and args:
+        raise BadInput(
+            f"{path} is a notebook: it takes no arguments (set values in a cell, "
+            f"or run a .py script with --args)"
+        )
     ensure_researcher(stack)
     if suffix == ".py":
         argv = [PYTHON, target, *args]

@@ -131,9 +131,17 @@ class Settings:
                 f"instance id {instance!r} is not allowed; use up to 31 lowercase "
                 f"letters, digits, '-' or '_', starting with a letter or digit"
             )
+        tcp: dict[int, str] = {}
         for key, value in _ports(raw):
             if not str(value).isdigit() or not 0 < int(value) < 65536:
                 raise BadInput(f"{key}={value!r} is not a port number (1 to 65535)")
+            if key != "fbm.vpn.port":  # the VPN's is UDP; the others TCP
+                if int(value) in tcp:
+                    raise BadInput(
+                        f"{key} and {tcp[int(value)]} are both {value}; give each "
+                        f"web port its own number"
+                    )
+                tcp[int(value)] = key
         compose_dir = PROJECT_ROOT / raw["compose_dir"]
         mounts = Path(raw["mounts"]).expanduser() if raw["mounts"] else compose_dir
         ident = raw["identity"]

@@ -188,7 +188,7 @@ class Stack:
     def write_compose_env(self) -> None:
         """Write the variables compose reads, so echoed commands can be replayed."""
         text = templates.render("compose.env.j2", values=self.compose_env())
-        if self.host.write_text(self.env_file, text, 0o644):
+        if self.host.write_text(self.env_file, text, 0o644) and not self.host.dry:
             self.say(f"wrote {self.env_file}")
 
     # -- engine --------------------------------------------------------------
@@ -427,7 +427,8 @@ class Stack:
                 )
             elif "No such image" in error:
                 hint = "build it first: `invoke build`"
-            raise EngineError(f"starting {service} failed: {error[-300:]}; {hint}")
+            last = [line for line in error.splitlines() if line.strip()][-3:]
+            raise EngineError(f"starting {service} failed: {' '.join(last)}; {hint}")
         self.wait_ready(name)
 
     def check_researcher_host(self) -> None:
@@ -615,7 +616,7 @@ class Stack:
             text = shown.stdout if shown.stdout.endswith("\n") else shown.stdout + "\n"
             self.prepare_mounts(name)
             changed = self.host.write_text(self.peer_env_path(name), text, 0o600)
-            if changed:
+            if changed and not self.host.dry:
                 self.say(f"copied the config into {self.peer_env_path(name)}")
 
         was_running = changed and self.state(name) == "running"
@@ -715,6 +716,18 @@ class Stack:
 
     # -- clean ---------------------------------------------------------------
 
+    def clean_targets(self, name: str, level: str, datasets: bool = False):
+        """The folders `clean` deletes at `level`: the component's run_mounts,
+        but user files (data, samples, certs) only with `datasets`."""
+        if level not in ("config", "image"):
+            return []
+        mounts = self.run_mounts(name)
+        return [
+            mounts / sub
+            for sub in component(name).mounts
+            if datasets or sub not in USER_FILES
+        ]
+
     def clean(self, name: str, level: str, datasets: bool = False) -> list[str]:
         """Remove a component's container, then config, then image; say what."""
         comp = component(name)
@@ -727,21 +740,15 @@ class Stack:
         self._variants.pop(name, None)
         if existed:
             done.append(f"container {container}")
-        if level in ("config", "image"):
-            mounts = self.run_mounts(name)
-            for sub in comp.mounts:
-                if sub == "data" and not datasets:
-                    continue
-                target = mounts / sub
-                if self.host.exists(target):
-                    self.host.remove_tree(target)
-                    done.append(str(target))
+        for target in self.clean_targets(name, level, datasets):
+            if self.host.exists(target):
+                self.host.remove_tree(target)
+                done.append(str(target))
         if level == "image":
             image = self.image(comp.image)
             if self.host.probe(["docker", "image", "inspect", image]).ok:
                 self.host.run(["docker", "image", "rm", image], warn=True)
                 done.append(f"image {image}")
-            self.host.run(["docker", "image", "prune", "--force"], hide=True)
         return done
 
 
@@ -773,6 +780,8 @@ def source_hash(*build_values: str, files: bool = True) -> str:
 
 
 CLEAN_LEVELS = ("container", "config", "image")
+# run_mounts folders holding the user's own files: kept by `clean` unless asked
+USER_FILES = ("data", "samples", "certs")
 
 
 def check_level(level: str) -> str:

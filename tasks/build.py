@@ -35,7 +35,8 @@ def images(ctx, images="", force=False, ca_bundle="", base_image="", wheelhouse=
         built = stack.build(
             names, force=force, ca_bundle=ca_bundle, wheelhouse=wheelhouse
         )
-    say(f"built: {', '.join(built) or 'nothing (all present)'}")
+    verb = "would build" if stack.host.dry else "built"
+    say(f"{verb}: {', '.join(built) or 'nothing (all present)'}")
 
 
 @task(

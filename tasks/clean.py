@@ -15,14 +15,17 @@ from ._common import confirm, open_stack, say, step
         "component": f"one of {', '.join(COMPONENTS)}, or 'all'",
         "level": "container (1), config (2: also its config files) or image "
         "(3: also its image)",
-        "datasets": "also delete the node's data folder (datasets); off by default",
+        "datasets": "also delete user files: data folders (datasets), the "
+        "researcher's samples, the GUI's certificates; off by default",
         "yes": "do not ask for confirmation (needed without a terminal)",
     },
 )
 def component(ctx, component, level="container", datasets=False, yes=False):
     """Remove a component's container, config or image (each level adds to the last).
 
-    Datasets under the node's data folder stay unless --datasets is given.
+    The config level deletes the component's run_mounts folders (VPN config,
+    Fed-BioMed component); user files (data, samples, certs) stay unless
+    --datasets is given. The question lists every folder it deletes.
     """
     stack = open_stack(ctx)
     names = list(COMPONENTS) if component == "all" else [component]
@@ -31,13 +34,22 @@ def component(ctx, component, level="container", datasets=False, yes=False):
         for name in names:
             get_component(name)
     what = f"{level} level of {', '.join(names)}"
+    folders = [
+        str(folder)
+        for name in names
+        for folder in stack.clean_targets(name, level, datasets)
+        if stack.host.exists(folder)
+    ]
+    if folders:
+        what += ", with the folders " + ", ".join(folders)
     if datasets:
-        what += " INCLUDING the node datasets"
+        what += " (user files INCLUDED)"
     confirm(f"Delete the {what} (instance {stack.settings.instance})?", yes)
     for name in names:
         with step(f"clean {name}"):
             done = stack.clean(name, level, datasets=datasets)
-        say(f"{name}: removed {'; '.join(done) or 'nothing (none was there)'}")
+        verb = "would remove" if stack.host.dry else "removed"
+        say(f"{name}: {verb} {'; '.join(done) or 'nothing (none was there)'}")
     if component == "all":
         with step("clean networks"):
             stack.compose("down", "--remove-orphans")

@@ -129,7 +129,7 @@ def register(collection, name: str) -> None:
 
     @task(
         help={
-            "gpu": "train on the GPU (start the container with `up --gpu` first)",
+            "gpu": f"train on the GPU (the container must run `{name}.up --gpu`)",
             "no_approval": "accept any training plan (approval is on by default)",
             "no_default_plans": "refuse Fed-BioMed's default training plans",
         }

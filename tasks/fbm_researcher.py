@@ -8,7 +8,7 @@ logic is in fbmvpn.fedbiomed.
 
 import shlex
 
-from invoke import task
+from invoke import Exit, task
 
 from fbmvpn import fedbiomed
 
@@ -49,8 +49,7 @@ def register(collection, name: str = "researcher") -> None:
 
     @task(help=WEB_HELP, auto_shortflags=False)
     def up(ctx, host="", expose=False):
-        """Start the researcher container and wait until ready; its web ports
-        on 127.0.0.1, or on --host.
+        """Start the researcher; web ports on 127.0.0.1, or on --host.
 
         A different --host than the running container's recreates it: its VPN
         config and Fed-BioMed component stay in run_mounts, Jupyter and
@@ -67,8 +66,7 @@ def register(collection, name: str = "researcher") -> None:
 
     @task(help=WEB_HELP, auto_shortflags=False)
     def jupyter(ctx, host="", expose=False):
-        """Start Jupyter in the researcher (port 8888) and print its URL with a
-        new token, once.
+        """Start Jupyter (port 8888); print its URL with a new token, once.
 
         Published on the container's current address unless --host is given
         (see `researcher.up`). Your notebooks go in
@@ -93,8 +91,9 @@ def register(collection, name: str = "researcher") -> None:
 
     @task(help=WEB_HELP, auto_shortflags=False)
     def tensorboard(ctx, host="", expose=False):
-        """Start tensorboard in the researcher (port 6006) on Fed-BioMed's
-        experiments and print its URL; says so when it runs already.
+        """Start tensorboard (port 6006) on Fed-BioMed's experiments.
+
+        Prints its URL; says so when it runs already.
 
         It shows the experiments run with `tensorboard=True` (their files are
         in researcher/run_mounts/fbm/researcher/var/experiments). Published
@@ -138,16 +137,25 @@ def register(collection, name: str = "researcher") -> None:
         }
     )
     def run(ctx, path, args=""):
-        """Run a script, or execute a notebook, in the researcher (Fed-BioMed's
-        environment, its VPN address as gRPC server).
+        """Run a script or a notebook in the researcher's Fed-BioMed.
+
+        It runs in Fed-BioMed's environment, with the researcher's VPN address
+        as gRPC server.
 
         A relative path is relative to researcher/run_mounts/samples
         (/fbm/notebooks/samples in the container); a notebook's output goes to
         NAME.out.ipynb beside it.
         """
+        try:
+            argv = shlex.split(args)
+        except ValueError as error:
+            raise Exit(
+                f"{name}.run: --args {args!r}: {error}; quote each "
+                f"argument once, e.g. --args \"--rounds 3 'my name'\""
+            ) from None
         stack = open_stack(ctx)
         with step(f"{name}.run"):
-            fedbiomed.run_script(stack, path, shlex.split(args))
+            fedbiomed.run_script(stack, path, argv)
 
     for item in (up, jupyter, tensorboard, samples, run):
         collection.add_task(item)  # `up` replaces the generic one

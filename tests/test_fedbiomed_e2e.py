@@ -102,7 +102,9 @@ def test_parse_table_without_table():
     assert fedbiomed.parse_table("No data has been set up.\n") == []
 
 
-@pytest.mark.parametrize("text", ["", "ab", "ok-tag,xy", "has space", "q'uote"])
+@pytest.mark.parametrize(
+    "text", ["", "ab", "ok-tag,xy", "has space", "q'uote", "abc,abc"]
+)
 def test_check_tags_refuses_what_fedbiomed_would(text):
     with pytest.raises(BadInput):
         fedbiomed.check_tags(text)
@@ -116,6 +118,24 @@ def test_tag_conflicts_follow_fedbiomed_rule():
     assert fedbiomed.tag_conflicts(["demo"], datasets) == ["a"]
     assert fedbiomed.tag_conflicts(["demo", "part1", "x"], datasets) == ["a"]
     assert fedbiomed.tag_conflicts(["demo", "part2"], datasets) == []
+
+
+def test_fedbiomed_error_keeps_the_reason_not_the_traceback():
+    class Result:
+        stdout = (
+            "Traceback (most recent call last):\n"
+            '  File "x.py", line 3, in <module>\n'
+            "fedbiomed.common.exceptions.FedbiomedDatasetError: FB632: Failed to "
+            "instantiate MnistDataset\n"
+        )
+        stderr = ""
+        exited = 1
+
+    assert fedbiomed.fedbiomed_error(Result()) == (
+        "FB632: Failed to instantiate MnistDataset"
+    )
+    Result.stdout = "Traceback...\nUnicodeDecodeError: 'utf-8' codec can't decode\n"
+    assert fedbiomed.fedbiomed_error(Result()).startswith("UnicodeDecodeError:")
 
 
 def test_demo_report_names_what_is_missing():
@@ -293,7 +313,8 @@ def test_dataset_link_leading_outside_is_refused(deployment, datasets_before):
     "make, message",
     [
         ({"notes.txt": "hello"}, "a file that is not a .csv"),
-        ({"empty-dir/readme.md": "x"}, "neither MNIST/raw/"),
+        ({"empty-dir/readme.md": "x"}, "a folder with neither MNIST/raw/"),
+        ({"header-only.csv": "a,b\n"}, "a header but no data row"),
     ],
 )
 def test_dataset_unsupported_format_is_refused(
@@ -311,7 +332,7 @@ def test_dataset_unsupported_format_is_refused(
         target,
         "--tag",
         "abc-x",
-        message="unsupported dataset format",
+        message=f"unsupported dataset format at {target}: {message}",
     )
 
 
@@ -418,3 +439,12 @@ def test_node_start_without_vpn_says_so_at_once(deployment):
         assert "invoke peer.join node" in result.stderr
     finally:
         deployment.invoke("vpnserver.up")
+
+
+@e2e
+def test_node_start_gpu_on_a_cpu_container_is_refused(deployment):
+    result = deployment.invoke("node.start", "--gpu", check=False, timeout=120)
+
+    assert result.returncode == 1
+    assert "runs without the GPU runtime" in result.stderr
+    assert "invoke node.up --gpu" in result.stderr

@@ -128,3 +128,19 @@ def test_a_code_change_does_not_reinstall_fedbiomed(tmp_path, monkeypatch):
         assert stack.image_hash("fbm") == layer
     finally:
         stack_module.source_hash.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "name, kept",
+    [("node", "data"), ("researcher", "samples"), ("gui", "certs")],
+)
+def test_clean_config_keeps_user_files_unless_asked(tmp_path, name, kept):
+    stack, _ = make_stack(tmp_path)
+    mounts = stack.run_mounts(name)
+
+    plain = stack.clean_targets(name, "config")
+    everything = stack.clean_targets(name, "config", datasets=True)
+
+    assert mounts / kept not in plain
+    assert mounts / kept in everything
+    assert stack.clean_targets(name, "container", datasets=True) == []

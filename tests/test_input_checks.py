@@ -83,3 +83,15 @@ def test_shell_without_a_terminal_says_so():
     )
     assert result.returncode == 1
     assert "needs a terminal" in result.stderr
+
+
+def test_two_web_ports_on_one_number_are_refused():
+    fbm = {
+        **DEFAULTS,
+        "researcher": {**DEFAULTS["researcher"], "jupyter_port": 6006},
+    }
+    with pytest.raises(
+        BadInput,
+        match="tensorboard_port and .*jupyter_port|jupyter_port and .*tensorboard_port",
+    ):
+        Settings.from_config(fbm)
