@@ -157,7 +157,7 @@ class Stack:
     def compose(self, *args, hide=False, warn=False):
         return self.host.run(self.compose_argv(*args), hide=hide, warn=warn)
 
-    def compose_env(self, gpu_image: bool = False) -> dict[str, str]:
+    def compose_env(self) -> dict[str, str]:
         s = self.settings
         vpn, build = s["vpn"], s["build"]
         res, gui = s["researcher"], s["gui"]

@@ -15,8 +15,10 @@ the host's CA bundle), for HTTPS proxies.
 import ast
 import json
 import re
+import struct
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -252,6 +254,53 @@ def test_dataset_add_list_remove_round_trip(deployment):
     assert extra.is_file()  # files stay
 
 
+def gray_png(size: int, shade: int) -> bytes:
+    """A size x size 8-bit grayscale PNG of one shade."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + bytes([shade]) * size for _ in range(size))
+    header = struct.pack(">IIBBBBB", size, size, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def mnist_folder(root: Path, count: int = 12) -> None:
+    """MNIST/raw/ with the four idx files, `count` 28x28 images each."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = struct.pack(">IIII", 0x803, count, 28, 28) + bytes(count * 28 * 28)
+    labels = struct.pack(">II", 0x801, count) + bytes(i % 10 for i in range(count))
+    for prefix in ("train", "t10k"):
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(images)
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+
+
+@e2e
+@pytest.mark.parametrize("kind", ["images", "mnist"])
+def test_image_and_mnist_folders_are_added(deployment, kind):
+    folder = deployment.data() / f"{kind}-set"
+    if kind == "images":
+        for label, shade in (("benign", 30), ("malignant", 220)):
+            (folder / label).mkdir(parents=True)
+            for i in range(3):
+                (folder / label / f"{i}.png").write_bytes(gray_png(8, shade + i))
+    else:
+        mnist_folder(folder)
+
+    deployment.invoke("node.dataset-add", f"{kind}-set", "--tag", f"{kind}-tag")
+    added = [d for d in deployment.datasets() if f"{kind}-tag" in d["tags"]]
+    deployment.invoke("node.dataset-remove", f"{kind}-tag")
+
+    assert [d["data_type"] for d in added] == [fedbiomed.DATASET_TYPES[kind]]
+
+
 @pytest.fixture(scope="module")
 def datasets_before(deployment):
     """node's datasets before the refusals: each must leave them as they are."""
@@ -314,7 +363,7 @@ def test_dataset_link_leading_outside_is_refused(deployment, datasets_before):
     [
         ({"notes.txt": "hello"}, "a file that is not a .csv"),
         ({"empty-dir/readme.md": "x"}, "a folder with neither MNIST/raw/"),
-        ({"header-only.csv": "a,b\n"}, "a header but no data row"),
+        ({"header-only.csv": "a,b\n"}, "a CSV file with a header but no data row"),
     ],
 )
 def test_dataset_unsupported_format_is_refused(
