@@ -2,11 +2,11 @@
 # The main job: VPN server, node and researcher on this machine, VPN verified.
 #
 # Sets the machine up (scripts/setup.sh), then runs `invoke up`. The node and
-# researcher images carry Fed-BioMed: the first run downloads several GB. Without the
-# official Debian image on this machine it builds on a local one made with
-# debootstrap (no registry needed), which later `invoke` runs keep using; set
-# FBM_PULL_BASE=1 to pull the official image instead. Extra arguments go to
-# `invoke up` (e.g. --public-addr ADDR).
+# researcher images carry Fed-BioMed: the first run downloads several GB.
+# Without the official Debian image on this machine it builds on a local one
+# made with debootstrap (no registry needed), which later `invoke` runs keep
+# using; set FBM_PULL_BASE=1 to pull the official image instead. Extra
+# arguments go to `invoke up` (e.g. --public-addr ADDR).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
