@@ -378,16 +378,22 @@ def node_id(stack, name: str) -> str | None:
 # -- datasets -------------------------------------------------------------------
 
 
-def list_datasets(stack, name: str) -> list[dict]:
-    """The node's datasets, from `dataset list` (tags as lists)."""
+def node_table(stack, name: str, what: str, *command: str) -> list[dict]:
+    """The rows of a Fed-BioMed listing of the node (`dataset list`,
+    `training-plan list`); none before its component exists."""
     check_node(name)
     require_running(stack, name)
     if not has_node_component(stack, name):
         return []
-    result = _probe(stack, name, node_cli("dataset", "list"), env=node_env(stack))
+    result = _probe(stack, name, node_cli(*command), env=node_env(stack))
     if not result.ok:
-        raise EngineError(f"listing the datasets of {name} failed:\n{_tail(result)}")
-    rows = parse_table(result.stdout or "")
+        raise EngineError(f"listing the {what} of {name} failed:\n{_tail(result)}")
+    return parse_table(result.stdout or "")
+
+
+def list_datasets(stack, name: str) -> list[dict]:
+    """The node's datasets, from `dataset list` (tags as lists)."""
+    rows = node_table(stack, name, "datasets", "dataset", "list")
     for row in rows:
         row["tags"] = parse_tags(row.get("tags", ""))
     return rows
@@ -520,16 +526,7 @@ def remove_dataset(stack, name: str, tag: str) -> str:
 
 def list_plans(stack, name: str) -> list[dict]:
     """The node's training plans, from `training-plan list`."""
-    check_node(name)
-    require_running(stack, name)
-    if not has_node_component(stack, name):
-        return []
-    result = _probe(stack, name, node_cli("training-plan", "list"), env=node_env(stack))
-    if not result.ok:
-        raise EngineError(
-            f"listing the training plans of {name} failed:\n{_tail(result)}"
-        )
-    return parse_table(result.stdout or "")
+    return node_table(stack, name, "training plans", "training-plan", "list")
 
 
 def register_plan(

@@ -55,12 +55,8 @@ def register(collection, name: str) -> None:
         stack = open_stack(ctx)
         with step(f"{name}.dataset-list"):
             rows = fedbiomed.list_datasets(stack, name)
-        if json:
-            say(jsonlib.dumps(rows, indent=2))
-            return
         columns = ("name", "data_type", "tags", "shape", "path", "dataset_id")
-        table = [[_cell(row.get(c, "")) for c in columns] for row in rows]
-        say(tabulate(table, headers=columns) if rows else f"{name}: no dataset")
+        _show(rows, columns, json, f"{name}: no dataset")
 
     dataset_list.__doc__ = f"List the datasets of {name}."
 
@@ -104,9 +100,6 @@ def register(collection, name: str) -> None:
             plans = fedbiomed.list_plans(stack, name)
         if pending:
             plans = fedbiomed.pending_plans(plans)
-        if json:
-            say(jsonlib.dumps(plans, indent=2))
-            return
         columns = (
             "name",
             "training_plan_id",
@@ -114,8 +107,7 @@ def register(collection, name: str) -> None:
             "training_plan_status",
             "description",
         )
-        table = [[p.get(c, "") for c in columns] for p in plans]
-        say(tabulate(table, headers=columns) if plans else f"{name}: no plan")
+        _show(plans, columns, json, f"{name}: no plan")
 
     training_plan_list.__doc__ = f"List {name}'s training plans and their status."
 
@@ -188,6 +180,15 @@ def register(collection, name: str) -> None:
         logs,
     ):
         collection.add_task(item)
+
+
+def _show(rows, columns, json: bool, empty: str) -> None:
+    """Print a listing as JSON, or as a table of `columns` (`empty` if none)."""
+    if json:
+        say(jsonlib.dumps(rows, indent=2))
+        return
+    table = [[_cell(row.get(c, "")) for c in columns] for row in rows]
+    say(tabulate(table, headers=columns) if rows else empty)
 
 
 def _cell(value) -> str:
